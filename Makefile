@@ -1,0 +1,45 @@
+# Everyday commands. `make run` and `make test` work on a fresh clone (python3 >= 3.11).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+SECRET := var/secret-key
+
+# A local secret key, made once, so the service runs with DEBUG off without setup.
+export DJANGO_SECRET_KEY ?= $(shell mkdir -p var && { test -s $(SECRET) || $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(50))' > $(SECRET); } && cat $(SECRET))
+
+.PHONY: run test lint format incus bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python manage.py migrate --noinput
+	scripts/run
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python manage.py makemigrations --check --dry-run
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# Install and start a local Incus with test instances (Debian, as root).
+incus:
+	scripts/incus-test-env
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) var/spool var/test.sqlite3*

@@ -1,0 +1,143 @@
+"""Shared fixtures: users and API clients, an isolated spool, and a real gunicorn server."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.db import connection
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def spool(settings: Any, tmp_path: Path) -> Path:
+    """Every test gets its own empty spool directory."""
+    path = tmp_path / "spool"
+    path.mkdir()
+    settings.UPLOADS = {**settings.UPLOADS, "SPOOL_DIR": path}
+    return path
+
+
+def spool_files(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir())
+
+
+@pytest.fixture
+def user(django_user_model: Any) -> Any:
+    return django_user_model.objects.create_user(username="alice", password="pw-alice-123")
+
+
+@pytest.fixture
+def other_user(django_user_model: Any) -> Any:
+    return django_user_model.objects.create_user(username="bob", password="pw-bob-123")
+
+
+@pytest.fixture
+def staff_user(django_user_model: Any) -> Any:
+    return django_user_model.objects.create_user(
+        username="operator", password="pw-operator-123", is_staff=True
+    )
+
+
+def token_client(user: Any) -> APIClient:
+    token, _ = Token.objects.get_or_create(user=user)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    return client
+
+
+@pytest.fixture
+def api(user: Any) -> APIClient:
+    return token_client(user)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def database_url() -> str:
+    """A DATABASE_URL for subprocesses that points at the test database."""
+    settings = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{settings['NAME']}"
+    user = settings.get("USER") or ""
+    host = settings.get("HOST") or "127.0.0.1"
+    port = settings.get("PORT") or 5432
+    return f"postgres://{user}@{host}:{port}/{settings['NAME']}"
+
+
+def subprocess_env(spool_dir: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DATABASE_URL=database_url(),
+        UPLOADS_SPOOL_DIR=str(spool_dir),
+        DJANGO_SECRET_KEY=env.get("DJANGO_SECRET_KEY", "test-secret-key"),
+        DJANGO_ALLOWED_HOSTS="127.0.0.1,localhost",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+class Server:
+    def __init__(self, port: int, proc: subprocess.Popen[bytes], spool: Path) -> None:
+        self.port = port
+        self.proc = proc
+        self.spool = spool
+        self.url = f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def gunicorn_server(
+    request: pytest.FixtureRequest, transactional_db: None, spool: Path, tmp_path: Path
+) -> Iterator[Server]:
+    """The real WSGI server the service runs under, on the test database and this test's spool.
+
+    `@pytest.mark.server_env(NAME=value)` adds environment variables for the server.
+    """
+    marker = request.node.get_closest_marker("server_env")
+    extra_env = dict(marker.kwargs) if marker else {}
+    port = free_port()
+    log = open(tmp_path / "gunicorn.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "gunicorn"),
+            "uploadsvc.wsgi:application",
+            "--worker-class",
+            "gthread",
+            "--workers",
+            "1",
+            "--threads",
+            "4",
+            "--bind",
+            f"127.0.0.1:{port}",
+        ],
+        cwd=ROOT,
+        env=subprocess_env(spool, **extra_env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.close()
+                raise RuntimeError((tmp_path / "gunicorn.log").read_text()) from None
+            time.sleep(0.1)
+    yield Server(port, proc, spool)
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()

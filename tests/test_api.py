@@ -1,0 +1,365 @@
+"""The upload API through Django's test client: contract, bad input, ownership, retry/cancel."""
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rest_framework.test import APIClient
+
+from tests.conftest import spool_files, token_client
+from uploads.models import Status, UploadTask
+
+URL = "/api/uploads/"
+pytestmark = pytest.mark.django_db
+
+
+def raw_upload(client: APIClient, body: bytes = b"hello\n", **headers: str) -> Any:
+    meta = {"HTTP_X_CONTAINER_NAME": "web1", "HTTP_X_FILE_PATH": "/srv/app/hello.txt"}
+    for key, value in headers.items():
+        name = key.upper()
+        meta[name if name == "CONTENT_LENGTH" else f"HTTP_{name}"] = value
+    meta = {k: v for k, v in meta.items() if v is not None}
+    return client.generic("POST", URL, body, content_type="application/octet-stream", **meta)
+
+
+def form_upload(client: APIClient, body: bytes | None = b"hello\n", **fields: Any) -> Any:
+    import io
+
+    data: dict[str, Any] = {"container": "web1", "path": "/srv/app/hello.txt"}
+    data.update(fields)
+    data = {k: v for k, v in data.items() if v is not None}
+    if body is not None:
+        upload = io.BytesIO(body)
+        upload.name = "local-name.txt"
+        data["file"] = upload
+    return client.post(URL, data, format="multipart")
+
+
+def assert_nothing_queued(spool: Path) -> None:
+    assert UploadTask.objects.count() == 0
+    assert spool_files(spool) == []
+
+
+class TestAccepted:
+    def test_raw_upload_answers_202_with_location_and_task(
+        self, api: APIClient, spool: Path
+    ) -> None:
+        body = b"x" * 3_000_000
+        response = raw_upload(
+            api,
+            body,
+            x_host_path="/home/me/build/app.tar",
+            x_file_mode="0640",
+            x_file_uid="1000",
+            x_file_gid="1000",
+            x_create_dirs="true",
+            x_incus_project="staging",
+        )
+        assert response.status_code == 202, response.content
+        data = response.json()
+        assert response["Location"] == f"/api/uploads/{data['id']}/"
+        assert data["status"] == "pending"
+        assert data["container"] == "web1"
+        assert data["project"] == "staging"
+        assert data["path"] == "/srv/app/hello.txt"
+        assert data["filename"] == "app.tar"
+        assert data["size"] == len(body)
+        assert data["sha256"] == hashlib.sha256(body).hexdigest()
+        assert data["mode"] == "0640"
+        assert (data["uid"], data["gid"], data["create_dirs"]) == (1000, 1000, True)
+        assert data["attempts"] == 0 and data["max_attempts"] == 5
+        assert data["url"].endswith(response["Location"])
+        task = UploadTask.objects.get()
+        assert (spool / task.spool_name).read_bytes() == body
+        assert spool_files(spool) == [task.spool_name]
+
+    def test_multipart_upload_answers_202(self, api: APIClient, spool: Path) -> None:
+        body = b"\x00\x01binary" * 200_000
+        response = form_upload(api, body, mode="755", uid="0", create_dirs="true")
+        assert response.status_code == 202, response.content
+        data = response.json()
+        assert data["size"] == len(body)
+        assert data["sha256"] == hashlib.sha256(body).hexdigest()
+        assert data["filename"] == "local-name.txt"
+        assert data["mode"] == "0755"
+        assert data["create_dirs"] is True
+        task = UploadTask.objects.get()
+        assert (spool / task.spool_name).read_bytes() == body
+        assert spool_files(spool) == [task.spool_name]
+
+    def test_empty_file_is_a_valid_upload(self, api: APIClient) -> None:
+        # The test client omits Content-Length for an empty body; real clients send 0.
+        response = raw_upload(api, b"", content_length="0")
+        assert response.status_code == 202
+        assert response.json()["size"] == 0
+
+    def test_path_is_normalised_like_filepath_clean(self, api: APIClient) -> None:
+        response = raw_upload(api, x_file_path="//srv/./app/../www//index.html")
+        assert response.status_code == 202
+        assert response.json()["path"] == "/srv/www/index.html"
+
+    def test_spool_name_never_comes_from_client_input(self, api: APIClient, spool: Path) -> None:
+        response = raw_upload(api, x_host_path="../../etc/passwd", x_file_path="/tmp/../../x")
+        assert response.status_code == 202
+        (name,) = spool_files(spool)
+        assert name == UploadTask.objects.get().spool_name
+        assert len(name) == 32 and "passwd" not in name
+
+    def test_anonymous_gets_401(self, spool: Path) -> None:
+        response = raw_upload(APIClient())
+        assert response.status_code == 401
+        assert "detail" in response.json()
+        assert_nothing_queued(spool)
+
+
+BAD_HEADERS = [
+    ({"x_container_name": None}, "container"),
+    ({"x_container_name": "  "}, "container"),
+    ({"x_file_path": None}, "path"),
+    ({"x_file_path": ""}, "path"),
+    ({"x_container_name": "1web"}, "container"),
+    ({"x_container_name": "-web"}, "container"),
+    ({"x_container_name": "web-"}, "container"),
+    ({"x_container_name": "web_1"}, "container"),
+    ({"x_container_name": "w" * 64}, "container"),
+    ({"x_file_path": "relative/path"}, "path"),
+    ({"x_file_path": "/srv/app/"}, "path"),
+    ({"x_file_path": "/"}, "path"),
+    ({"x_file_path": "/srv/" + "a" * 4096}, "path"),
+    ({"x_file_mode": "999"}, "mode"),
+    ({"x_file_mode": "10000"}, "mode"),
+    ({"x_file_mode": "rw-r--r--"}, "mode"),
+    ({"x_file_uid": "-1"}, "uid"),
+    ({"x_file_uid": "4294967296"}, "uid"),
+    ({"x_file_gid": "abc"}, "gid"),
+    ({"x_create_dirs": "maybe"}, "create_dirs"),
+    ({"x_incus_project": "bad/project"}, "project"),
+]
+
+
+class TestBadInput:
+    @pytest.mark.parametrize(("headers", "field"), BAD_HEADERS)
+    def test_raw_bad_parameter_is_400_naming_the_field(
+        self, api: APIClient, spool: Path, headers: dict[str, str | None], field: str
+    ) -> None:
+        response = raw_upload(api, b"data", **headers)  # type: ignore[arg-type]
+        assert response.status_code == 400, response.content
+        assert field in response.json()
+        assert_nothing_queued(spool)
+
+    @pytest.mark.parametrize(
+        ("fields", "field"),
+        [
+            ({"container": None}, "container"),
+            ({"path": "/srv/a\x00b"}, "path"),
+            ({"path": "etc/passwd"}, "path"),
+            ({"mode": "0o800"}, "mode"),
+            ({"uid": "4294967296"}, "uid"),
+        ],
+    )
+    def test_multipart_bad_parameter_is_400_and_spool_cleaned(
+        self, api: APIClient, spool: Path, fields: dict[str, Any], field: str
+    ) -> None:
+        response = form_upload(api, b"data" * 1000, **fields)
+        assert response.status_code == 400, response.content
+        assert field in response.json()
+        assert_nothing_queued(spool)
+
+    def test_multipart_without_file_is_400(self, api: APIClient, spool: Path) -> None:
+        response = form_upload(api, None)
+        assert response.status_code == 400
+        assert "file" in response.json()
+        assert_nothing_queued(spool)
+
+    def test_multipart_extra_file_parts_are_not_kept(self, api: APIClient, spool: Path) -> None:
+        import io
+
+        extra = io.BytesIO(b"other")
+        extra.name = "other.bin"
+        main = io.BytesIO(b"main")
+        main.name = "main.bin"
+        response = api.post(
+            URL,
+            {"container": "web1", "path": "/srv/x", "file": main, "other": extra},
+            format="multipart",
+        )
+        assert response.status_code == 202
+        assert spool_files(spool) == [UploadTask.objects.get().spool_name]
+
+    def test_form_urlencoded_is_415(self, api: APIClient, spool: Path) -> None:
+        response = api.post(
+            URL, "container=web1&path=/x", content_type="application/x-www-form-urlencoded"
+        )
+        assert response.status_code == 415
+        assert "multipart/form-data" in response.json()["detail"]
+        assert_nothing_queued(spool)
+
+    def test_over_maximum_size_is_413_before_reading(
+        self, api: APIClient, spool: Path, settings: Any
+    ) -> None:
+        settings.UPLOADS = {**settings.UPLOADS, "MAX_UPLOAD_SIZE": 1000}
+        response = raw_upload(api, b"x" * 1001)
+        assert response.status_code == 413
+        assert "1000" in response.json()["detail"]
+        assert_nothing_queued(spool)
+        response = form_upload(api, b"x" * 2000)
+        assert response.status_code == 413
+        assert_nothing_queued(spool)
+
+    def test_no_room_on_spool_filesystem_is_507(
+        self, api: APIClient, spool: Path, settings: Any
+    ) -> None:
+        # A reserve larger than any disk: the real free-space check must refuse.
+        settings.UPLOADS = {**settings.UPLOADS, "SPOOL_RESERVE_BYTES": 10**18}
+        response = raw_upload(api)
+        assert response.status_code == 507
+        assert "detail" in response.json()
+        assert_nothing_queued(spool)
+
+    def test_full_queue_is_503_with_retry_after(
+        self, api: APIClient, spool: Path, settings: Any, user: Any
+    ) -> None:
+        settings.UPLOADS = {**settings.UPLOADS, "MAX_PENDING": 1, "RETRY_AFTER_SECONDS": 7}
+        assert raw_upload(api).status_code == 202
+        response = raw_upload(api)
+        assert response.status_code == 503
+        assert response["Retry-After"] == "7"
+        assert "try again" in response.json()["detail"]
+        assert UploadTask.objects.count() == 1
+        assert len(spool_files(spool)) == 1
+
+
+class TestReading:
+    def test_detail_and_list_with_filters(self, api: APIClient, user: Any) -> None:
+        first = raw_upload(api, x_container_name="web1").json()
+        second = raw_upload(api, x_container_name="db1").json()
+        UploadTask.objects.filter(pk=first["id"]).update(status=Status.FAILED)
+
+        detail = api.get(f"{URL}{first['id']}/")
+        assert detail.status_code == 200
+        assert detail.json()["status"] == "failed"
+
+        listing = api.get(URL).json()
+        assert listing["count"] == 2
+        assert {"next", "previous", "results"} <= set(listing)
+        assert [t["id"] for t in listing["results"]] == [second["id"], first["id"]]
+
+        assert [t["id"] for t in api.get(URL, {"status": "failed"}).json()["results"]] == [
+            first["id"]
+        ]
+        assert [t["id"] for t in api.get(URL, {"container": "db1"}).json()["results"]] == [
+            second["id"]
+        ]
+        assert api.get(URL, {"status": "lost"}).status_code == 400
+
+    def test_unknown_or_malformed_id_is_404(self, api: APIClient) -> None:
+        assert api.get(f"{URL}00000000-0000-0000-0000-000000000000/").status_code == 404
+        assert api.get(f"{URL}not-a-uuid/").status_code == 404
+
+
+class TestOwnership:
+    def test_other_users_tasks_are_404_and_staff_sees_all(
+        self, api: APIClient, other_user: Any, staff_user: Any
+    ) -> None:
+        task = raw_upload(api).json()
+        bob = token_client(other_user)
+        assert bob.get(f"{URL}{task['id']}/").status_code == 404
+        assert bob.post(f"{URL}{task['id']}/cancel/").status_code == 404
+        assert bob.post(f"{URL}{task['id']}/retry/").status_code == 404
+        assert bob.get(URL).json()["count"] == 0
+        assert UploadTask.objects.get().status == Status.PENDING
+
+        staff = token_client(staff_user)
+        assert staff.get(f"{URL}{task['id']}/").status_code == 200
+        assert staff.get(URL).json()["count"] == 1
+
+
+class TestRetryAndCancel:
+    def test_cancel_pending_removes_spool_file(self, api: APIClient, spool: Path) -> None:
+        task = raw_upload(api).json()
+        response = api.post(f"{URL}{task['id']}/cancel/")
+        assert response.status_code == 200
+        assert response.json()["status"] == "cancelled"
+        assert response.json()["finished_at"] is not None
+        assert spool_files(spool) == []
+        again = api.post(f"{URL}{task['id']}/cancel/")
+        assert again.status_code == 409
+        assert "pending" in again.json()["detail"]
+
+    def test_retry_failed_task_grants_another_attempt(self, api: APIClient) -> None:
+        task = raw_upload(api).json()
+        UploadTask.objects.filter(pk=task["id"]).update(
+            status=Status.FAILED, attempts=5, last_error="boom"
+        )
+        response = api.post(f"{URL}{task['id']}/retry/")
+        assert response.status_code == 200
+        data = response.json()
+        assert data["status"] == "pending"
+        assert data["max_attempts"] == 6
+        assert data["attempts"] == 5
+
+    def test_retry_pending_or_succeeded_is_409(self, api: APIClient) -> None:
+        task = raw_upload(api).json()
+        assert api.post(f"{URL}{task['id']}/retry/").status_code == 409
+        UploadTask.objects.filter(pk=task["id"]).update(status=Status.SUCCEEDED)
+        response = api.post(f"{URL}{task['id']}/retry/")
+        assert response.status_code == 409
+        assert "failed or cancelled" in response.json()["detail"]
+
+    def test_retry_cancelled_task_without_spool_file_is_410(self, api: APIClient) -> None:
+        task = raw_upload(api).json()
+        api.post(f"{URL}{task['id']}/cancel/")
+        response = api.post(f"{URL}{task['id']}/retry/")
+        assert response.status_code == 410
+        assert "upload it again" in response.json()["detail"]
+        assert UploadTask.objects.get().status == Status.CANCELLED
+
+
+class TestSessionAuth:
+    def test_session_upload_needs_csrf_token(self, user: Any, spool: Path) -> None:
+        client = APIClient(enforce_csrf_checks=True)
+        client.login(username="alice", password="pw-alice-123")
+        response = raw_upload(client)
+        assert response.status_code == 403
+        assert "CSRF" in response.json()["detail"]
+        assert_nothing_queued(spool)
+
+        client.get("/api/uploads/")
+        token = client.cookies["csrftoken"].value if "csrftoken" in client.cookies else None
+        if token is None:
+            from django.middleware.csrf import _get_new_csrf_string
+
+            token = _get_new_csrf_string()
+            client.cookies["csrftoken"] = token
+        response = raw_upload(client, x_csrftoken=token)
+        assert response.status_code == 202
+
+    def test_session_multipart_upload_with_csrf(self, user: Any, spool: Path) -> None:
+        from django.middleware.csrf import _get_new_csrf_string
+
+        client = APIClient(enforce_csrf_checks=True)
+        client.login(username="alice", password="pw-alice-123")
+        token = _get_new_csrf_string()
+        client.cookies["csrftoken"] = token
+        import io
+
+        upload = io.BytesIO(b"abc" * 1000)
+        upload.name = "f.bin"
+        response = client.post(
+            URL,
+            {"container": "web1", "path": "/srv/f", "file": upload, "csrfmiddlewaretoken": token},
+            format="multipart",
+        )
+        assert response.status_code == 202, response.content
+        assert response.json()["size"] == 3000
+        assert spool_files(spool) == [UploadTask.objects.get().spool_name]
+
+
+class TestSchema:
+    def test_openapi_schema_and_docs(self, api: APIClient) -> None:
+        schema = api.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")
+        assert schema.status_code == 200
+        paths = schema.json()["paths"]
+        assert "/api/uploads/" in paths and "/api/uploads/{id}/retry/" in paths
+        assert api.get("/api/docs/").status_code == 200

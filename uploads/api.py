@@ -1,0 +1,288 @@
+"""The upload API: thin views that parse a request, call a service and render the task."""
+
+from typing import Any
+
+from django.http import QueryDict
+from django.urls import reverse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import (
+    NotFound,
+    ParseError,
+    UnsupportedMediaType,
+    ValidationError,
+)
+from rest_framework.parsers import BaseParser, MultiPartParser
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from uploads import selectors, services, spool
+from uploads.conf import uploads_settings
+from uploads.exceptions import (
+    Conflict,
+    Gone,
+    IncompleteBody,
+    InsufficientStorage,
+    LengthRequired,
+    PayloadTooLarge,
+    QueueFull,
+)
+from uploads.models import UploadTask
+from uploads.serializers import (
+    UploadListQuerySerializer,
+    UploadParamsSerializer,
+    UploadTaskSerializer,
+)
+from uploads.wsgi import ENVIRON_KEY
+
+# Raw-form headers → parameter names (the seed's X-Container-Name / X-File-Path / X-Host-Path).
+RAW_HEADERS = {
+    "HTTP_X_CONTAINER_NAME": "container",
+    "HTTP_X_FILE_PATH": "path",
+    "HTTP_X_HOST_PATH": "filename",
+    "HTTP_X_FILE_MODE": "mode",
+    "HTTP_X_FILE_UID": "uid",
+    "HTTP_X_FILE_GID": "gid",
+    "HTTP_X_CREATE_DIRS": "create_dirs",
+    "HTTP_X_INCUS_PROJECT": "project",
+}
+FORM_FIELDS = ("container", "path", "mode", "uid", "gid", "create_dirs", "project")
+
+RAW_UPLOAD_PARAMETERS = [
+    OpenApiParameter("X-Container-Name", str, OpenApiParameter.HEADER, description="Instance name"),
+    OpenApiParameter(
+        "X-File-Path", str, OpenApiParameter.HEADER, description="Absolute destination path"
+    ),
+    OpenApiParameter(
+        "X-Host-Path",
+        str,
+        OpenApiParameter.HEADER,
+        description="Client's own path (basename kept, display only)",
+    ),
+    OpenApiParameter(
+        "X-File-Mode", str, OpenApiParameter.HEADER, description="Octal mode such as 0644"
+    ),
+    OpenApiParameter("X-File-Uid", int, OpenApiParameter.HEADER),
+    OpenApiParameter("X-File-Gid", int, OpenApiParameter.HEADER),
+    OpenApiParameter(
+        "X-Create-Dirs",
+        bool,
+        OpenApiParameter.HEADER,
+        description="Create missing parent directories",
+    ),
+    OpenApiParameter(
+        "X-Incus-Project",
+        str,
+        OpenApiParameter.HEADER,
+        description="Incus project (default 'default')",
+    ),
+]
+
+
+class RawBodyParser(BaseParser):
+    """Claims every non-multipart body without reading it: the view streams it to the spool.
+
+    Without it, anything that touches `request.POST` (the CSRF check of session auth does)
+    would make DRF look for a parser and answer 415 to a raw upload.
+    """
+
+    media_type = "*/*"
+
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
+        return {}
+
+
+def _content_length(request: Request) -> int | None:
+    raw = request.META.get("CONTENT_LENGTH")
+    if raw in (None, ""):
+        return None
+    try:
+        length = int(raw)
+    except ValueError:
+        raise ParseError("Content-Length is not a number.") from None
+    if length < 0:
+        raise ParseError("Content-Length is negative.")
+    return length
+
+
+def _is_chunked(request: Request) -> bool:
+    return "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower()
+
+
+def _check_capacity(request: Request) -> int | None:
+    """The checks answered before a single byte of the body is read."""
+    length = _content_length(request)
+    max_size = uploads_settings.MAX_UPLOAD_SIZE
+    if length is None and not _is_chunked(request):
+        raise LengthRequired()
+    if length is not None and length > max_size:
+        raise PayloadTooLarge(
+            f"The upload is {length} bytes; this server accepts at most {max_size} bytes."
+        )
+    if selectors.pending_count() >= uploads_settings.MAX_PENDING:
+        raise QueueFull(wait=uploads_settings.RETRY_AFTER_SECONDS)
+    if not spool.has_room_for(length or 0):
+        raise InsufficientStorage()
+    return length
+
+
+def _validated(data: dict[str, Any]) -> dict[str, Any]:
+    params = UploadParamsSerializer(data={k: v for k, v in data.items() if v is not None})
+    params.is_valid(raise_exception=True)
+    return dict(params.validated_data)
+
+
+class UploadViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[UploadTask]
+):
+    serializer_class = UploadTaskSerializer
+    parser_classes = [MultiPartParser, RawBodyParser]
+    lookup_value_regex = r"[0-9a-fA-F-]{32,36}"
+
+    def get_queryset(self) -> Any:
+        return selectors.visible_tasks(user=self.request.user)
+
+    def get_object(self) -> UploadTask:
+        try:
+            return super().get_object()
+        except (ValueError, ValidationError) as exc:
+            raise NotFound() from exc
+
+    @extend_schema(parameters=[UploadListQuerySerializer])
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        query = UploadListQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        tasks = selectors.task_list(user=request.user, **query.validated_data)
+        page = self.paginate_queryset(tasks)
+        serializer = self.get_serializer(page, many=True)
+        return self.get_paginated_response(serializer.data)
+
+    @extend_schema(
+        summary="Upload a file for delivery into an Incus instance",
+        description=(
+            "Either a raw body (any Content-Type but forms; parameters in X-* headers) or "
+            "multipart/form-data with a `file` part. Answers 202 as soon as the body is spooled."
+        ),
+        parameters=RAW_UPLOAD_PARAMETERS,
+        request={
+            "application/octet-stream": OpenApiTypes.BINARY,
+            "multipart/form-data": {
+                "type": "object",
+                "properties": {
+                    "file": {"type": "string", "format": "binary"},
+                    "container": {"type": "string"},
+                    "path": {"type": "string"},
+                    "mode": {"type": "string"},
+                    "uid": {"type": "integer"},
+                    "gid": {"type": "integer"},
+                    "create_dirs": {"type": "boolean"},
+                    "project": {"type": "string"},
+                },
+                "required": ["file", "container", "path"],
+            },
+        },
+        responses={202: UploadTaskSerializer},
+    )
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        content_type = request.content_type.split(";")[0].strip().lower()
+        if content_type == "multipart/form-data":
+            params, spooled = self._receive_multipart(request)
+        elif content_type in ("application/x-www-form-urlencoded", "application/json"):
+            raise UnsupportedMediaType(
+                content_type,
+                detail=(
+                    f"'{content_type}' is not an upload. Send the file as the raw body "
+                    "(e.g. application/octet-stream) or as multipart/form-data."
+                ),
+            )
+        else:
+            params, spooled = self._receive_raw(request)
+        task = services.upload_create(owner=request.user, spooled=spooled, **params)
+        body = self.get_serializer(task).data
+        location = reverse("upload-detail", args=[task.pk])
+        return Response(body, status=status.HTTP_202_ACCEPTED, headers={"Location": location})
+
+    def _receive_raw(self, request: Request) -> tuple[dict[str, Any], spool.SpooledFile]:
+        params = _validated({name: request.META.get(h) for h, name in RAW_HEADERS.items()})
+        length = _check_capacity(request)
+        environ = request._request.META
+        if length is None:
+            # Django reads a chunked body as empty (ticket #35838); read the server's own
+            # de-chunked input when it promises to end it (gunicorn sets wsgi.input_terminated).
+            if not environ.get("wsgi.input_terminated"):
+                raise LengthRequired(
+                    "This server cannot read a chunked body; send a Content-Length."
+                )
+            read = environ["wsgi.input"].read
+        else:
+            read = request._request.read
+        try:
+            spooled = spool.spool_stream(
+                read, expected=length, max_size=uploads_settings.MAX_UPLOAD_SIZE
+            )
+        except spool.BodyTooLarge as exc:
+            raise PayloadTooLarge(str(exc)) from exc
+        except spool.SpoolFull as exc:
+            raise InsufficientStorage() from exc
+        except spool.TruncatedBody as exc:
+            raise IncompleteBody(str(exc)) from exc
+        return params, spooled
+
+    def _receive_multipart(self, request: Request) -> tuple[dict[str, Any], spool.SpooledFile]:
+        length = _check_capacity(request)
+        if length is None:
+            raise LengthRequired("A multipart upload needs a Content-Length.")
+        django_request = request._request
+        kept: str | None = None
+        try:
+            try:
+                form: QueryDict = request.POST  # type: ignore[assignment]
+                files = request.FILES
+            except spool.BodyTooLarge as exc:
+                raise PayloadTooLarge(str(exc)) from exc
+            except spool.SpoolFull as exc:
+                raise InsufficientStorage() from exc
+            counter = django_request.META.get(ENVIRON_KEY)
+            if counter is not None and counter.bytes_read < length:
+                raise IncompleteBody(
+                    f"the body ended after {counter.bytes_read} of {length} bytes (Content-Length)"
+                )
+            upload = files.get("file")
+            if not isinstance(upload, spool.SpooledUpload):
+                raise ValidationError({"file": ["A 'file' part is required."]})
+            data: dict[str, Any] = {name: form.get(name) for name in FORM_FIELDS}
+            data["filename"] = upload.name or ""
+            params = _validated(data)
+            kept = upload.spooled.name
+            return params, upload.spooled
+        finally:
+            for name in getattr(django_request, "spool_names", []):
+                if name != kept:
+                    spool.remove(name)
+
+    @extend_schema(
+        request=None,
+        responses={200: UploadTaskSerializer, 409: OpenApiResponse(), 410: OpenApiResponse()},
+    )
+    @action(detail=True, methods=["post"])
+    def retry(self, request: Request, pk: str | None = None) -> Response:
+        task = self.get_object()
+        try:
+            task = services.upload_retry(task=task)
+        except services.TaskStateError as exc:
+            raise Conflict(str(exc)) from exc
+        except services.SpoolFileMissing as exc:
+            raise Gone(str(exc)) from exc
+        return Response(self.get_serializer(task).data)
+
+    @extend_schema(request=None, responses={200: UploadTaskSerializer, 409: OpenApiResponse()})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request: Request, pk: str | None = None) -> Response:
+        task = self.get_object()
+        try:
+            task = services.upload_cancel(task=task)
+        except services.TaskStateError as exc:
+            raise Conflict(str(exc)) from exc
+        return Response(self.get_serializer(task).data)

@@ -1,0 +1,50 @@
+"""HTTP errors of the upload API, each rendered by DRF as a JSON body with a `detail`."""
+
+from django.utils.translation import gettext_lazy as _
+from rest_framework import status
+from rest_framework.exceptions import APIException
+
+
+class LengthRequired(APIException):
+    status_code = status.HTTP_411_LENGTH_REQUIRED
+    default_detail = _("A Content-Length header is required.")
+    default_code = "length_required"
+
+
+class PayloadTooLarge(APIException):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_detail = _("The upload is larger than the server accepts.")
+    default_code = "too_large"
+
+
+class InsufficientStorage(APIException):
+    status_code = status.HTTP_507_INSUFFICIENT_STORAGE
+    default_detail = _("The server has no room for this upload right now; try again later.")
+    default_code = "insufficient_storage"
+
+
+class QueueFull(APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = _("Too many uploads are waiting to be delivered; try again later.")
+    default_code = "queue_full"
+
+    def __init__(self, wait: int) -> None:
+        super().__init__()
+        # DRF's exception handler turns `wait` into a Retry-After header.
+        self.wait = wait
+
+
+class IncompleteBody(APIException):
+    status_code = status.HTTP_400_BAD_REQUEST
+    default_detail = _("The request body ended before it was complete.")
+    default_code = "incomplete_body"
+
+
+class Conflict(APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "conflict"
+
+
+class Gone(APIException):
+    status_code = status.HTTP_410_GONE
+    default_code = "gone"

@@ -1,0 +1,174 @@
+"""The durable queue: one `UploadTask` row per upload, one `UploadAttempt` row per push."""
+
+import uuid
+from datetime import datetime
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+MAX_ID = 4_294_967_295
+
+
+class Status(models.TextChoices):
+    PENDING = "pending", _("Pending")
+    RUNNING = "running", _("Running")
+    SUCCEEDED = "succeeded", _("Succeeded")
+    FAILED = "failed", _("Failed")
+    CANCELLED = "cancelled", _("Cancelled")
+
+
+FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
+
+class UploadTaskQuerySet(models.QuerySet["UploadTask"]):
+    def pending(self) -> "UploadTaskQuerySet":
+        return self.filter(status=Status.PENDING)
+
+    def ready(self, now: datetime | None = None) -> "UploadTaskQuerySet":
+        return self.pending().filter(next_attempt_at__lte=now or timezone.now())
+
+    def running(self) -> "UploadTaskQuerySet":
+        return self.filter(status=Status.RUNNING)
+
+    def expired_leases(self, now: datetime | None = None) -> "UploadTaskQuerySet":
+        return self.running().filter(lease_expires_at__lt=now or timezone.now())
+
+    def finished(self) -> "UploadTaskQuerySet":
+        return self.filter(status__in=FINISHED)
+
+
+class UploadTask(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="upload_tasks",
+        verbose_name=_("owner"),
+    )
+    project = models.CharField(_("Incus project"), max_length=63, default="default")
+    instance = models.CharField(_("instance"), max_length=63)
+    path = models.CharField(_("destination path"), max_length=4096)
+    filename = models.CharField(_("client file name"), max_length=255, blank=True)
+    size = models.PositiveBigIntegerField(_("size in bytes"))
+    sha256 = models.CharField(_("SHA-256"), max_length=64)
+    mode = models.PositiveIntegerField(_("mode"), null=True, blank=True)
+    uid = models.PositiveBigIntegerField(_("uid"), null=True, blank=True)
+    gid = models.PositiveBigIntegerField(_("gid"), null=True, blank=True)
+    create_dirs = models.BooleanField(_("create parent directories"), default=False)
+    spool_name = models.CharField(_("spool file"), max_length=100, editable=False)
+
+    status = models.CharField(
+        _("status"), max_length=16, choices=Status.choices, default=Status.PENDING
+    )
+    attempts = models.PositiveIntegerField(_("attempts"), default=0)
+    max_attempts = models.PositiveIntegerField(_("max attempts"))
+    next_attempt_at = models.DateTimeField(_("next attempt at"), default=timezone.now)
+    last_error = models.TextField(_("last error"), blank=True)
+
+    claim_token = models.UUIDField(_("claim token"), null=True, blank=True, editable=False)
+    lease_expires_at = models.DateTimeField(_("lease expires at"), null=True, blank=True)
+    worker_id = models.CharField(_("worker"), max_length=200, blank=True)
+
+    created_at = models.DateTimeField(_("created at"), default=timezone.now, db_index=True)
+    started_at = models.DateTimeField(_("started at"), null=True, blank=True)
+    finished_at = models.DateTimeField(_("finished at"), null=True, blank=True)
+
+    objects = UploadTaskQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("upload")
+        verbose_name_plural = _("uploads")
+        ordering = ["-created_at"]
+        indexes = [
+            # The queue query: ready rows by due time, and expired leases.
+            models.Index(
+                fields=["next_attempt_at"],
+                name="uploadtask_ready_idx",
+                condition=Q(status="pending"),
+            ),
+            models.Index(
+                fields=["lease_expires_at"],
+                name="uploadtask_lease_idx",
+                condition=Q(status="running"),
+            ),
+            # The list filters.
+            models.Index(fields=["owner", "-created_at"], name="uploadtask_owner_idx"),
+            models.Index(fields=["status", "-created_at"], name="uploadtask_status_idx"),
+            models.Index(fields=["instance", "-created_at"], name="uploadtask_instance_idx"),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(status__in=Status.values), name="uploadtask_status_valid"
+            ),
+            models.CheckConstraint(
+                condition=Q(mode__isnull=True) | Q(mode__lte=0o7777), name="uploadtask_mode_range"
+            ),
+            models.CheckConstraint(
+                condition=Q(uid__isnull=True) | Q(uid__lte=MAX_ID), name="uploadtask_uid_range"
+            ),
+            models.CheckConstraint(
+                condition=Q(gid__isnull=True) | Q(gid__lte=MAX_ID), name="uploadtask_gid_range"
+            ),
+            models.CheckConstraint(
+                condition=Q(max_attempts__gte=1), name="uploadtask_max_attempts_positive"
+            ),
+            # A running task is always owned by exactly one claim with a lease.
+            models.CheckConstraint(
+                condition=~Q(status="running")
+                | (Q(claim_token__isnull=False) & Q(lease_expires_at__isnull=False)),
+                name="uploadtask_running_has_claim",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.filename or self.path} → {self.project}/{self.instance}:{self.path}"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in FINISHED
+
+
+class Outcome(models.TextChoices):
+    RUNNING = "running", _("Running")
+    SUCCEEDED = "succeeded", _("Succeeded")
+    RETRY = "retry", _("Failed, will retry")
+    FAILED = "failed", _("Failed")
+    LOST = "lost", _("Worker lost")
+    INTERRUPTED = "interrupted", _("Interrupted by shutdown")
+
+
+class UploadAttempt(models.Model):
+    task = models.ForeignKey(
+        UploadTask, on_delete=models.CASCADE, related_name="attempt_log", verbose_name=_("upload")
+    )
+    number = models.PositiveIntegerField(_("attempt"))
+    worker_id = models.CharField(_("worker"), max_length=200)
+    claim_token = models.UUIDField(_("claim token"))
+    started_at = models.DateTimeField(_("started at"), default=timezone.now)
+    finished_at = models.DateTimeField(_("finished at"), null=True, blank=True)
+    outcome = models.CharField(
+        _("outcome"), max_length=16, choices=Outcome.choices, default=Outcome.RUNNING
+    )
+    error = models.TextField(_("error"), blank=True)
+
+    class Meta:
+        verbose_name = _("attempt")
+        verbose_name_plural = _("attempts")
+        ordering = ["task", "number"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["task", "claim_token"], name="uploadattempt_one_per_claim"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"attempt {self.number} of {self.task_id}"
+
+    @property
+    def duration(self) -> float | None:
+        if self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()

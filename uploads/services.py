@@ -1,0 +1,325 @@
+"""Writes: every state change of an upload task goes through here.
+
+The API, the admin and the worker all call these functions, so a retry from the admin and a
+retry from the API are the same thing. Claims and completions are conditional UPDATEs whose row
+count decides, so two workers can never both own or both finish a task.
+"""
+
+import logging
+import random
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.db import connection, transaction
+from django.db.models import F
+from django.db.models.functions import Greatest
+from django.utils import timezone
+
+from uploads import spool
+from uploads.conf import uploads_settings
+from uploads.models import Outcome, Status, UploadAttempt, UploadTask
+
+logger = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "uploadsvc_ready"
+
+
+class TaskStateError(Exception):
+    """The task is not in a state that allows this change."""
+
+
+class SpoolFileMissing(Exception):
+    """The task's spool file is gone, so it can never be pushed again."""
+
+
+def _notify_workers() -> None:
+    # On PostgreSQL a NOTIFY is delivered when the transaction commits, so workers listening
+    # on the channel wake at once; polling remains the path that guarantees progress.
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_notify(%s, '')", [NOTIFY_CHANNEL])
+
+
+def upload_create(
+    *,
+    owner: AbstractBaseUser,
+    spooled: spool.SpooledFile,
+    container: str,
+    path: str,
+    project: str = "default",
+    filename: str = "",
+    mode: int | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
+    create_dirs: bool = False,
+) -> UploadTask:
+    """Queue a spooled file for delivery. On any failure the spool file is deleted."""
+    try:
+        with transaction.atomic():
+            task = UploadTask.objects.create(
+                owner=owner,
+                instance=container,
+                project=project,
+                path=path,
+                filename=filename,
+                size=spooled.size,
+                sha256=spooled.sha256,
+                mode=mode,
+                uid=uid,
+                gid=gid,
+                create_dirs=create_dirs,
+                spool_name=spooled.name,
+                max_attempts=uploads_settings.MAX_ATTEMPTS,
+            )
+            _notify_workers()
+    except BaseException:
+        spool.remove(spooled.name)
+        raise
+    logger.info(
+        "task=%s accepted instance=%s/%s path=%s size=%d",
+        task.pk,
+        project,
+        container,
+        path,
+        spooled.size,
+    )
+    return task
+
+
+def upload_retry(*, task: UploadTask) -> UploadTask:
+    """Failed or cancelled → pending now, with at least one more attempt; history is kept."""
+    if task.status not in (Status.FAILED, Status.CANCELLED):
+        raise TaskStateError(
+            f"only failed or cancelled uploads can be retried (this one is {task.status})"
+        )
+    if not spool.exists(task.spool_name):
+        raise SpoolFileMissing("the uploaded file is no longer on the server; upload it again")
+    now = timezone.now()
+    updated = UploadTask.objects.filter(
+        pk=task.pk, status__in=[Status.FAILED, Status.CANCELLED]
+    ).update(
+        status=Status.PENDING,
+        next_attempt_at=now,
+        finished_at=None,
+        max_attempts=Greatest(F("max_attempts"), F("attempts") + 1),
+    )
+    if not updated:
+        raise TaskStateError("the upload changed state meanwhile; reload it")
+    _notify_workers()
+    task.refresh_from_db()
+    logger.info("task=%s retried by hand", task.pk)
+    return task
+
+
+def upload_cancel(*, task: UploadTask) -> UploadTask:
+    """Pending → cancelled, and the spool file is removed."""
+    updated = UploadTask.objects.filter(pk=task.pk, status=Status.PENDING).update(
+        status=Status.CANCELLED, finished_at=timezone.now()
+    )
+    if not updated:
+        task.refresh_from_db(fields=["status"])
+        raise TaskStateError(f"only pending uploads can be cancelled (this one is {task.status})")
+    spool.remove(task.spool_name)
+    task.refresh_from_db()
+    logger.info("task=%s cancelled", task.pk)
+    return task
+
+
+# --- the worker's side ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    task: UploadTask
+    token: uuid.UUID
+    attempt: UploadAttempt
+
+
+def retry_delay(attempt: int) -> float:
+    """Capped exponential backoff with full jitter (Celery's and AWS's choice): a random delay in
+    [base, min(cap, base·2^(attempt-1))]. Stored on the row as next_attempt_at; no thread sleeps."""
+    base = uploads_settings.RETRY_BASE_SECONDS
+    cap = uploads_settings.RETRY_MAX_SECONDS
+    ceiling = min(cap, base * 2 ** max(attempt - 1, 0))
+    return random.uniform(min(base, ceiling), ceiling)  # noqa: S311
+
+
+def claim_tasks(*, worker_id: str, limit: int) -> list[Claim]:
+    """Take up to `limit` ready tasks for this worker, in one short transaction.
+
+    PostgreSQL: the candidate rows are locked with SKIP LOCKED so concurrent workers pick
+    disjoint sets. SQLite ignores row locks, but our connections BEGIN IMMEDIATE, so the whole
+    transaction holds the database's write lock. Either way the UPDATE is conditional on the
+    row still being pending and the row count is what decides.
+    """
+    if limit <= 0:
+        return []
+    now = timezone.now()
+    token = uuid.uuid4()
+    lease = now + timedelta(seconds=uploads_settings.LEASE_SECONDS)
+    with transaction.atomic():
+        ids = list(
+            UploadTask.objects.ready(now)
+            .select_for_update(skip_locked=True)
+            .order_by("next_attempt_at")
+            .values_list("pk", flat=True)[:limit]
+        )
+        if not ids:
+            return []
+        UploadTask.objects.filter(pk__in=ids, status=Status.PENDING).update(
+            status=Status.RUNNING,
+            attempts=F("attempts") + 1,
+            claim_token=token,
+            lease_expires_at=lease,
+            worker_id=worker_id,
+            started_at=now,
+        )
+        tasks = list(UploadTask.objects.filter(claim_token=token))
+        attempts = UploadAttempt.objects.bulk_create(
+            UploadAttempt(
+                task=task,
+                number=task.attempts,
+                worker_id=worker_id,
+                claim_token=token,
+                started_at=now,
+            )
+            for task in tasks
+        )
+    return [Claim(task=t, token=token, attempt=a) for t, a in zip(tasks, attempts, strict=True)]
+
+
+def renew_leases(*, tokens: list[uuid.UUID]) -> int:
+    if not tokens:
+        return 0
+    lease = timezone.now() + timedelta(seconds=uploads_settings.LEASE_SECONDS)
+    return UploadTask.objects.filter(status=Status.RUNNING, claim_token__in=tokens).update(
+        lease_expires_at=lease
+    )
+
+
+def _finish_attempt(claim: Claim, outcome: str, error: str, now: datetime) -> None:
+    UploadAttempt.objects.filter(pk=claim.attempt.pk).update(
+        outcome=outcome, error=error, finished_at=now
+    )
+
+
+def _owned(claim: Claim) -> Any:
+    return UploadTask.objects.filter(
+        pk=claim.task.pk, status=Status.RUNNING, claim_token=claim.token
+    )
+
+
+def complete_success(*, claim: Claim) -> bool:
+    """Record a delivered file and delete its spool copy. False if the claim was lost."""
+    now = timezone.now()
+    with transaction.atomic():
+        updated = _owned(claim).update(
+            status=Status.SUCCEEDED,
+            finished_at=now,
+            last_error="",
+            claim_token=None,
+            lease_expires_at=None,
+        )
+        if updated:
+            _finish_attempt(claim, Outcome.SUCCEEDED, "", now)
+    if updated:
+        spool.remove(claim.task.spool_name)
+    return bool(updated)
+
+
+def complete_failure(*, claim: Claim, error: str, permanent: bool) -> str | None:
+    """Record a failed attempt: pending again after a backoff, or failed for good.
+
+    Returns the new status, or None if the claim was lost (another worker owns the task now).
+    The spool file is kept after a failure so a retry can run.
+    """
+    now = timezone.now()
+    task = claim.task
+    final = permanent or task.attempts >= task.max_attempts
+    with transaction.atomic():
+        if final:
+            updated = _owned(claim).update(
+                status=Status.FAILED,
+                finished_at=now,
+                last_error=error,
+                claim_token=None,
+                lease_expires_at=None,
+            )
+        else:
+            updated = _owned(claim).update(
+                status=Status.PENDING,
+                next_attempt_at=now + timedelta(seconds=retry_delay(task.attempts)),
+                last_error=error,
+                claim_token=None,
+                lease_expires_at=None,
+            )
+        if not updated:
+            return None
+        _finish_attempt(claim, Outcome.FAILED if final else Outcome.RETRY, error, now)
+    if not final:
+        _notify_workers()
+    return Status.FAILED if final else Status.PENDING
+
+
+def release_claim(*, claim: Claim) -> bool:
+    """Give a task back after a shutdown interrupted its push; the attempt is not held against
+    the task (max_attempts grows if needed so it keeps at least one more attempt)."""
+    now = timezone.now()
+    with transaction.atomic():
+        updated = _owned(claim).update(
+            status=Status.PENDING,
+            next_attempt_at=now,
+            claim_token=None,
+            lease_expires_at=None,
+            max_attempts=Greatest(F("max_attempts"), F("attempts") + 1),
+        )
+        if updated:
+            _finish_attempt(claim, Outcome.INTERRUPTED, "the worker shut down during the push", now)
+    return bool(updated)
+
+
+LOST_ERROR = "the worker pushing this file stopped answering (lease expired)"
+
+
+def reap_expired_leases() -> int:
+    """Requeue tasks whose worker died (lease expired); fail those out of attempts.
+
+    Idempotent conditional UPDATEs: any number of workers may run it at once.
+    """
+    now = timezone.now()
+    reaped = 0
+    with transaction.atomic():
+        expired = list(
+            UploadTask.objects.expired_leases(now)
+            .select_for_update(skip_locked=True)
+            .values_list("pk", "claim_token", "attempts", "max_attempts")
+        )
+        for pk, token, attempts, max_attempts in expired:
+            owned = UploadTask.objects.filter(pk=pk, status=Status.RUNNING, claim_token=token)
+            if attempts >= max_attempts:
+                n = owned.update(
+                    status=Status.FAILED,
+                    finished_at=now,
+                    last_error=LOST_ERROR,
+                    claim_token=None,
+                    lease_expires_at=None,
+                )
+            else:
+                n = owned.update(
+                    status=Status.PENDING,
+                    next_attempt_at=now,
+                    last_error=LOST_ERROR,
+                    claim_token=None,
+                    lease_expires_at=None,
+                )
+            if n:
+                UploadAttempt.objects.filter(task_id=pk, claim_token=token).update(
+                    outcome=Outcome.LOST, error=LOST_ERROR, finished_at=now
+                )
+                reaped += n
+    if reaped:
+        logger.warning("requeued %d task(s) whose worker lease expired", reaped)
+    return reaped

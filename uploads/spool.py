@@ -1,0 +1,233 @@
+"""The spool: where an upload's bytes wait on disk until a worker pushes them.
+
+Files are written as `<uuid>.part`, hashed and counted on the way, and renamed to `<uuid>` only
+once complete, so a finished spool name always names a whole file. Names never come from client
+input.
+"""
+
+import errno
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from django.core.files.uploadedfile import UploadedFile
+from django.core.files.uploadhandler import FileUploadHandler
+from django.http import HttpRequest
+
+from uploads.conf import uploads_settings
+
+PART_SUFFIX = ".part"
+
+
+class SpoolError(Exception):
+    """The body could not be spooled; nothing was kept."""
+
+
+class SpoolFull(SpoolError):
+    pass
+
+
+class BodyTooLarge(SpoolError):
+    pass
+
+
+class TruncatedBody(SpoolError):
+    pass
+
+
+@dataclass(frozen=True)
+class SpooledFile:
+    name: str
+    size: int
+    sha256: str
+
+    @property
+    def path(self) -> Path:
+        return spool_path(self.name)
+
+
+def spool_dir() -> Path:
+    path = uploads_settings.spool_dir
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def spool_path(name: str) -> Path:
+    return uploads_settings.spool_dir / name
+
+
+def has_room_for(size: int) -> bool:
+    free = shutil.disk_usage(spool_dir()).free
+    return free >= size + uploads_settings.SPOOL_RESERVE_BYTES
+
+
+def remove(name: str) -> bool:
+    """Delete a spool file and any partial file of the same name; True when it existed."""
+    spool_path(name + PART_SUFFIX).unlink(missing_ok=True)
+    try:
+        os.unlink(spool_path(name))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def exists(name: str) -> bool:
+    return spool_path(name).is_file()
+
+
+class SpoolWriter:
+    """Writes one upload to `<spool>/<uuid>.part`; `commit()` renames it to its final name.
+
+    Used as a context manager: leaving the block without `commit()` (an exception, a short
+    body) deletes the partial file.
+    """
+
+    def __init__(self) -> None:
+        self.name = uuid.uuid4().hex
+        self._part = spool_dir() / f"{self.name}{PART_SUFFIX}"
+        self._file: IO[bytes] | None = open(self._part, "xb")  # noqa: SIM115
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self._committed = False
+
+    def _open_file(self) -> IO[bytes]:
+        if self._file is None:
+            raise ValueError("the spool file is already closed")
+        return self._file
+
+    def write(self, chunk: bytes) -> None:
+        file = self._open_file()
+        try:
+            file.write(chunk)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFull("the spool filesystem is full") from exc
+            raise
+        self._hash.update(chunk)
+        self.size += len(chunk)
+
+    def commit(self) -> SpooledFile:
+        file = self._open_file()
+        try:
+            file.flush()
+            os.fsync(file.fileno())
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFull("the spool filesystem is full") from exc
+            raise
+        file.close()
+        self._file = None
+        os.replace(self._part, spool_path(self.name))
+        self._committed = True
+        return SpooledFile(name=self.name, size=self.size, sha256=self._hash.hexdigest())
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if not self._committed:
+            self._part.unlink(missing_ok=True)
+
+    def __enter__(self) -> "SpoolWriter":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.abort()
+
+
+def spool_stream(
+    read: Callable[[int], bytes], *, expected: int | None, max_size: int
+) -> SpooledFile:
+    """Copy a request body into the spool in bounded chunks.
+
+    `expected` is the Content-Length (None for a chunked body, which is then capped at
+    `max_size`). A body that ends early raises TruncatedBody; nothing is kept on any error.
+    """
+    chunk_size = uploads_settings.CHUNK_SIZE
+    with SpoolWriter() as writer:
+        while True:
+            want = chunk_size if expected is None else min(chunk_size, expected - writer.size)
+            if want <= 0:
+                break
+            try:
+                chunk = read(want)
+            except OSError as exc:
+                raise TruncatedBody(f"the connection failed while reading the body: {exc}") from exc
+            if not chunk:
+                break
+            writer.write(chunk)
+            if writer.size > max_size:
+                raise BodyTooLarge(f"the body is larger than {max_size} bytes")
+        if expected is not None and writer.size != expected:
+            raise TruncatedBody(
+                f"the body ended after {writer.size} of {expected} bytes (Content-Length)"
+            )
+        return writer.commit()
+
+
+class SpooledUpload(UploadedFile):
+    """A multipart file part already written, hashed and committed to the spool."""
+
+    def __init__(self, spooled: SpooledFile, *, name: str, content_type: str | None) -> None:
+        super().__init__(
+            file=None, name=name, content_type=content_type, size=spooled.size, charset=None
+        )
+        self.spooled = spooled
+
+
+class SpoolUploadHandler(FileUploadHandler):
+    """Streams multipart file parts straight into the spool, 1 MiB at a time, hashing them.
+
+    Every spool name it creates is recorded on the request (`request.spool_names`) so the view
+    can delete them all when the request fails for any reason.
+    """
+
+    def __init__(self, request: HttpRequest | None = None) -> None:
+        super().__init__(request)
+        self.chunk_size = uploads_settings.CHUNK_SIZE
+        self._writer: SpoolWriter | None = None
+
+    def _names(self) -> list[str]:
+        names: list[str] = getattr(self.request, "spool_names", [])
+        if self.request is not None:
+            self.request.spool_names = names  # type: ignore[attr-defined]
+        return names
+
+    def new_file(self, *args: Any, **kwargs: Any) -> None:
+        super().new_file(*args, **kwargs)
+        if not has_room_for(0):
+            raise SpoolFull("the spool filesystem is full")
+        self._writer = SpoolWriter()
+        self._names().append(self._writer.name)
+
+    def _current(self) -> SpoolWriter:
+        if self._writer is None:
+            raise ValueError("no file part is open")
+        return self._writer
+
+    def receive_data_chunk(self, raw_data: bytes, start: int) -> None:
+        writer = self._current()
+        try:
+            writer.write(raw_data)
+            if writer.size > uploads_settings.MAX_UPLOAD_SIZE:
+                raise BodyTooLarge(
+                    f"the file is larger than {uploads_settings.MAX_UPLOAD_SIZE} bytes"
+                )
+        except BaseException:
+            self.upload_interrupted()
+            raise
+
+    def file_complete(self, file_size: int) -> SpooledUpload | None:
+        spooled = self._current().commit()
+        self._writer = None
+        return SpooledUpload(spooled, name=self.file_name or "", content_type=self.content_type)
+
+    def upload_interrupted(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None

@@ -1,0 +1,158 @@
+"""Settings for the uploadsvc project, read from the environment (12-factor).
+
+Every variable is documented in `.env.example`; a `.env` file beside `manage.py` is read when it
+exists. Nothing domain-specific lives here: the app's own settings are the `UPLOADS` dict, whose
+defaults live in `uploads/conf.py`.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = BASE_DIR / "var"
+
+env = environ.Env()
+if (BASE_DIR / ".env").exists():
+    env.read_env(BASE_DIR / ".env")
+
+DEBUG = env.bool("DJANGO_DEBUG", default=False)
+if DEBUG:
+    SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="insecure-debug-only-key")  # noqa: S105
+else:
+    SECRET_KEY = env.str("DJANGO_SECRET_KEY")
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "uploads",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "uploadsvc.urls"
+WSGI_APPLICATION = "uploadsvc.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'uploadsvc.sqlite3'}"),
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # The queue writes from several threads and processes: WAL lets readers run beside the
+    # writer, IMMEDIATE takes the write lock at BEGIN (no lock-upgrade deadlocks) and the
+    # timeout waits for it instead of failing with "database is locked".
+    DATABASES["default"]["OPTIONS"] = {
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 30,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
+else:
+    DATABASES["default"]["CONN_MAX_AGE"] = env.int("DJANGO_CONN_MAX_AGE", default=60)
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+STORAGES = {
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+# Serve the admin's and the browsable API's assets from the apps themselves, no collectstatic
+# step needed for `make run`.
+WHITENOISE_USE_FINDERS = True
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REST_FRAMEWORK: dict[str, Any] = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "PAGE_SIZE": 50,
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "uploadsvc API",
+    "DESCRIPTION": "Upload files over HTTP; workers deliver them into Incus instances.",
+    "VERSION": "0.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+# Multipart uploads stream to the spool directory in 1 MiB chunks, hashed on the way; the
+# finished temporary file is renamed into the spool, never copied.
+FILE_UPLOAD_HANDLERS = ["uploads.spool.SpoolUploadHandler"]
+
+UPLOADS = {
+    "SPOOL_DIR": env.path("UPLOADS_SPOOL_DIR", default=VAR_DIR / "spool"),
+    "MAX_UPLOAD_SIZE": env.int("UPLOADS_MAX_UPLOAD_SIZE", default=10 * 1024**3),
+    "SPOOL_RESERVE_BYTES": env.int("UPLOADS_SPOOL_RESERVE_BYTES", default=64 * 1024**2),
+    "MAX_PENDING": env.int("UPLOADS_MAX_PENDING", default=10_000),
+    "INCUS_ENDPOINT": env.str("UPLOADS_INCUS_ENDPOINT", default="/var/lib/incus/unix.socket"),
+    "INCUS_TIMEOUT": env.float("UPLOADS_INCUS_TIMEOUT", default=60.0),
+    "PUSHER": env.str("UPLOADS_PUSHER", default="uploads.incus.IncusPusher"),
+    "MAX_ATTEMPTS": env.int("UPLOADS_MAX_ATTEMPTS", default=5),
+    "RETRY_BASE_SECONDS": env.float("UPLOADS_RETRY_BASE_SECONDS", default=2.0),
+    "RETRY_MAX_SECONDS": env.float("UPLOADS_RETRY_MAX_SECONDS", default=600.0),
+    "LEASE_SECONDS": env.float("UPLOADS_LEASE_SECONDS", default=60.0),
+}
+
+LOG_LEVEL = env.str("DJANGO_LOG_LEVEL", default="INFO")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(threadName)s %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": "WARNING"},
+    "loggers": {
+        "uploads": {"level": LOG_LEVEL, "handlers": ["console"], "propagate": False},
+    },
+}

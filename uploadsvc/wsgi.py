@@ -1,0 +1,12 @@
+"""WSGI entry point. Uploads are served by a WSGI server that streams request bodies
+(gunicorn with gthread workers): ASGI would spool the whole body before the view runs."""
+
+import os
+
+from django.core.wsgi import get_wsgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "uploadsvc.settings")
+
+from uploads.wsgi import BodyCountingMiddleware  # noqa: E402
+
+application = BodyCountingMiddleware(get_wsgi_application())
