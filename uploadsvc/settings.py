@@ -35,6 +35,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "uploads",
 ]
 
@@ -123,6 +124,8 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Upload files over HTTP; workers deliver them into Incus instances.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
 }
 
 # Multipart uploads stream to the spool directory in 1 MiB chunks, hashed on the way; the

@@ -1,0 +1,210 @@
+"""The Worker loop and the run_push_workers command, with pushers that need no Incus.
+
+Faults are injected with the test pushers in tests/pushers.py; delivery itself is proven
+against the real Incus in test_incus.py.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+
+from tests.conftest import ROOT, spool_files, subprocess_env
+from tests.factories import make_task
+from tests.pushers import CrashingPusher, FailTwicePusher
+from uploads.models import Outcome, Status, UploadAttempt, UploadTask
+from uploads.pushers import NullPusher
+from uploads.worker import Worker
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_burst_processes_everything_ready_and_exits(user: Any, spool: Path) -> None:
+    for _ in range(25):
+        make_task(user)
+    worker = Worker(threads=4, burst=True, poll_interval=0.05, pusher_factory=NullPusher)
+    assert worker.run() == 0
+    assert UploadTask.objects.filter(status=Status.SUCCEEDED).count() == 25
+    assert UploadAttempt.objects.filter(outcome=Outcome.SUCCEEDED).count() == 25
+    assert spool_files(spool) == []
+
+
+def test_transient_failures_are_retried_without_sleeping_in_the_worker(
+    user: Any, settings: Any
+) -> None:
+    # A fault injector: Incus cannot be made to fail exactly twice on demand.
+    settings.UPLOADS = {**settings.UPLOADS, "RETRY_BASE_SECONDS": 0.01, "RETRY_MAX_SECONDS": 0.02}
+    FailTwicePusher.failures.clear()
+    task = make_task(user, path="/srv/flaky")
+    worker = Worker(threads=2, burst=True, poll_interval=0.01, pusher_factory=FailTwicePusher)
+    deadline = time.monotonic() + 10
+    while UploadTask.objects.get(pk=task.pk).status != Status.SUCCEEDED:
+        assert time.monotonic() < deadline
+        worker.run()
+        time.sleep(0.03)
+    task.refresh_from_db()
+    assert task.attempts == 3
+    outcomes = list(UploadAttempt.objects.order_by("number").values_list("outcome", "error"))
+    assert outcomes == [
+        (Outcome.RETRY, "injected transient failure 1"),
+        (Outcome.RETRY, "injected transient failure 2"),
+        (Outcome.SUCCEEDED, ""),
+    ]
+
+
+def test_a_pusher_bug_is_recorded_not_fatal(user: Any) -> None:
+    make_task(user)
+    worker = Worker(threads=1, burst=True, pusher_factory=CrashingPusher)
+    assert worker.run() == 0
+    task = UploadTask.objects.get()
+    assert task.status == Status.PENDING
+    assert task.last_error == "internal error: RuntimeError: injected bug"
+
+
+def test_missing_spool_file_fails_permanently(user: Any, spool: Path) -> None:
+    task = make_task(user)
+    (spool / task.spool_name).unlink()
+    Worker(threads=1, burst=True, pusher_factory=NullPusher).run()
+    task.refresh_from_db()
+    assert task.status == Status.FAILED
+    assert "missing" in task.last_error and task.attempts == 1
+
+
+def test_command_runs_the_worker(user: Any, settings: Any) -> None:
+    settings.UPLOADS = {**settings.UPLOADS, "PUSHER": "uploads.pushers.NullPusher"}
+    make_task(user)
+    call_command("run_push_workers", "--burst", "--threads", "2", verbosity=0)
+    assert UploadTask.objects.get().status == Status.SUCCEEDED
+
+
+def test_command_rejects_bad_options() -> None:
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match="--threads"):
+        call_command("run_push_workers", "--threads", "0")
+
+
+def start_worker(spool: Path, tmp_path: Path, *args: str, **env: str) -> subprocess.Popen[bytes]:
+    log = open(tmp_path / "worker.log", "ab")  # noqa: SIM115
+    return subprocess.Popen(
+        [sys.executable, "manage.py", "run_push_workers", "-v", "2", *args],
+        cwd=ROOT,
+        env=subprocess_env(spool, **env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def wait_for(predicate: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+def test_sigterm_lets_in_flight_pushes_finish_and_exits_0(
+    user: Any, spool: Path, tmp_path: Path
+) -> None:
+    # SlowPusher keeps a push in flight for a known time; SIGTERM must wait for it.
+    for _ in range(2):
+        make_task(user)
+    proc = start_worker(
+        spool,
+        tmp_path,
+        "--threads",
+        "2",
+        "--poll-interval",
+        "0.1",
+        UPLOADS_PUSHER="tests.pushers.SlowPusher",
+        SLOW_PUSH_SECONDS="2",
+    )
+    try:
+        wait_for(lambda: UploadTask.objects.filter(status=Status.RUNNING).count() == 2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, (tmp_path / "worker.log").read_text()
+    finally:
+        proc.kill()
+    assert UploadTask.objects.filter(status=Status.SUCCEEDED).count() == 2
+    assert spool_files(spool) == []
+
+
+def test_second_signal_exits_at_once_and_grace_expiry_releases_claims(
+    user: Any, spool: Path, tmp_path: Path
+) -> None:
+    make_task(user)
+    proc = start_worker(
+        spool,
+        tmp_path,
+        "--threads",
+        "1",
+        "--poll-interval",
+        "0.1",
+        "--grace-period",
+        "1",
+        UPLOADS_PUSHER="tests.pushers.SlowPusher",
+        SLOW_PUSH_SECONDS="30",
+    )
+    try:
+        wait_for(lambda: UploadTask.objects.filter(status=Status.RUNNING).exists())
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=20)
+        assert time.monotonic() - started < 10
+    finally:
+        proc.kill()
+    assert code == 1
+    task = UploadTask.objects.get()
+    assert task.status == Status.PENDING  # released for another worker, not lost
+    assert UploadAttempt.objects.get().outcome == Outcome.INTERRUPTED
+
+    proc = start_worker(
+        spool,
+        tmp_path,
+        "--threads",
+        "1",
+        "--poll-interval",
+        "0.1",
+        UPLOADS_PUSHER="tests.pushers.SlowPusher",
+        SLOW_PUSH_SECONDS="30",
+    )
+    try:
+        wait_for(lambda: UploadTask.objects.filter(status=Status.RUNNING).exists())
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=5) != 0
+    finally:
+        proc.kill()
+
+
+def test_worker_reclaims_a_dead_workers_task_after_its_lease(
+    user: Any, spool: Path, tmp_path: Path
+) -> None:
+    make_task(user)
+    env = {"UPLOADS_LEASE_SECONDS": "1", "UPLOADS_PUSHER": "tests.pushers.SlowPusher"}
+    victim = start_worker(spool, tmp_path, "--poll-interval", "0.1", SLOW_PUSH_SECONDS="60", **env)
+    try:
+        wait_for(lambda: UploadTask.objects.filter(status=Status.RUNNING).exists())
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(timeout=5)
+    finally:
+        victim.kill()
+    rescuer = start_worker(spool, tmp_path, "--poll-interval", "0.1", SLOW_PUSH_SECONDS="0", **env)
+    try:
+        wait_for(lambda: UploadTask.objects.get().status == Status.SUCCEEDED)
+    finally:
+        rescuer.terminate()
+        rescuer.wait(timeout=20)
+    task = UploadTask.objects.get()
+    assert task.attempts == 2
+    assert list(UploadAttempt.objects.order_by("number").values_list("outcome", flat=True)) == [
+        Outcome.LOST,
+        Outcome.SUCCEEDED,
+    ]

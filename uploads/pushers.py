@@ -1,0 +1,73 @@
+"""What a worker hands a pusher, what a pusher may raise, and how the configured one is built.
+
+The pusher is chosen by `UPLOADS['PUSHER']` (a dotted path, like Django's EMAIL_BACKEND): the
+Incus pusher by default, the null pusher to measure the queue on its own.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from django.utils.module_loading import import_string
+
+from uploads.conf import uploads_settings
+
+
+@dataclass(frozen=True)
+class PushRequest:
+    source: Path
+    size: int
+    instance: str
+    project: str
+    path: str
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    create_dirs: bool = False
+
+
+class PushError(Exception):
+    """A push failed. `permanent` errors fail the task at once; others are retried."""
+
+    permanent = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class TransientPushError(PushError):
+    permanent = False
+
+
+class PermanentPushError(PushError):
+    permanent = True
+
+
+class Pusher(Protocol):
+    def push(self, request: PushRequest) -> None:
+        """Deliver `request.source` to the instance, or raise PushError."""
+
+    def check(self) -> str | None:
+        """None when the target is reachable, else why not (for start-up and health)."""
+
+    def close(self) -> None: ...
+
+
+class NullPusher:
+    """Delivers nothing, instantly: for benchmarking the queue itself."""
+
+    def push(self, request: PushRequest) -> None:
+        return None
+
+    def check(self) -> str | None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def build_pusher() -> Pusher:
+    pusher_class = import_string(uploads_settings.PUSHER)
+    pusher: Pusher = pusher_class()
+    return pusher
