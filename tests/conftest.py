@@ -141,3 +141,28 @@ def gunicorn_server(
     proc.terminate()
     proc.wait(timeout=30)
     log.close()
+
+
+INCUS_SOCKET = "/var/lib/incus/unix.socket"
+
+
+@pytest.fixture(scope="session")
+def incus() -> str:
+    """A reachable Incus daemon, or a skip with the way to get one.
+
+    With REQUIRE_INCUS=1 (CI sets it) an unreachable Incus fails the test instead.
+    """
+    from uploads.incus import IncusPusher
+
+    endpoint = os.environ.get("UPLOADS_INCUS_ENDPOINT", INCUS_SOCKET)
+    pusher = IncusPusher(endpoint=endpoint, timeout=10)
+    try:
+        problem = pusher.check()
+    finally:
+        pusher.close()
+    if problem:
+        message = f"no Incus reachable ({problem}); run `sudo make incus` to set one up"
+        if os.environ.get("REQUIRE_INCUS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return endpoint

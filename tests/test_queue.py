@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import close_old_connections
+from django.db import connection
 from django.utils import timezone
 
 from tests.conftest import spool_files
@@ -169,7 +169,7 @@ def test_concurrent_claimers_never_share_a_task(user: Any) -> None:
             while batch := services.claim_tasks(worker_id=f"t{n}", limit=3):
                 mine.extend(str(c.task.pk) for c in batch)
         finally:
-            close_old_connections()
+            connection.close()
         with lock:
             claimed.append(mine)
 

@@ -1,13 +1,16 @@
 """The push worker: a pool of threads that claim ready tasks and push their files.
 
-The main thread claims (one short transaction for a batch), hands each claim to a pool thread,
-and sleeps until a slot frees, a PostgreSQL NOTIFY arrives or the poll interval passes. A
-heartbeat thread renews the leases of what is in flight; expired leases of dead workers are
-reaped by the loop itself. First SIGTERM/SIGINT drains, a second one exits at once.
+The main thread claims (one short transaction per batch) and hands each claim to one of N
+long-lived push threads, each with its own pusher (pylxd sessions are not thread-safe) and its
+own database connection, which it closes when it ends. The main thread then sleeps until a slot
+frees, a PostgreSQL NOTIFY arrives or the poll interval passes. A heartbeat thread renews the
+leases of what is in flight; expired leases of dead workers are reaped by the loop itself.
+The first SIGTERM/SIGINT drains, a second one releases what is in flight and exits.
 """
 
 import logging
 import os
+import queue
 import random
 import signal
 import socket
@@ -15,12 +18,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
 from types import FrameType
 from typing import Any
 
-from django.db import close_old_connections, connection
+from django.db import close_old_connections, connection, connections
 
 from uploads import services
 from uploads.conf import uploads_settings
@@ -55,11 +56,9 @@ class Worker:
         self._stopping = threading.Event()
         self._force = threading.Event()
         self._wake = threading.Event()
-        self._local = threading.local()
-        self._pushers: list[Pusher] = []
-        self._pushers_lock = threading.Lock()
-        self._in_flight: dict[Future[None], services.Claim] = {}
-        self._in_flight_lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[services.Claim | None] = queue.SimpleQueue()
+        self._in_flight: dict[uuid.UUID, services.Claim] = {}
+        self._lock = threading.Lock()
         self.processed = 0
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -71,12 +70,12 @@ class Worker:
 
     def _handle_signal(self, signum: int, frame: FrameType | None) -> None:
         if self._stopping.is_set():
-            logger.warning("second signal: exiting now, leases of unfinished pushes will expire")
+            logger.warning("second signal: releasing unfinished pushes and exiting now")
             self._force.set()
             self._wake.set()
             return
         logger.info(
-            "signal %s: no new claims; finishing %d push(es) within %.0fs",
+            "%s: no new claims; finishing %d push(es) within %.0fs",
             signal.Signals(signum).name,
             len(self._in_flight),
             self.grace_period,
@@ -89,7 +88,10 @@ class Worker:
             signal.signal(signal.SIGINT, self._handle_signal)
 
     def run(self) -> int:
-        """Run until stopped (or, with burst, until nothing is ready). Returns an exit code."""
+        """Run until stopped (or, with burst, until nothing is ready).
+
+        Returns 0 after a clean drain, 1 when unfinished pushes had to be released.
+        """
         self._stopping.clear()
         self._force.clear()
         self._install_signal_handlers()
@@ -101,18 +103,21 @@ class Worker:
             ", burst" if self.burst else "",
         )
         self._report_target()
-        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
-        heartbeat.start()
+        pool = [
+            threading.Thread(target=self._push_thread, name=f"push-{n}", daemon=True)
+            for n in range(self.threads)
+        ]
+        for thread in pool:
+            thread.start()
+        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         if not self.burst and connection.vendor == "postgresql":
             threading.Thread(target=self._listen_loop, name="listen", daemon=True).start()
-        executor = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="push")
         try:
-            self._loop(executor)
-            return self._drain(executor)
+            self._loop()
+            return self._drain(pool)
         finally:
             self._stopping.set()
-            self._close_pushers()
-            close_old_connections()
+            connection.close()
 
     def _report_target(self) -> None:
         pusher = self.pusher_factory()
@@ -125,9 +130,11 @@ class Worker:
 
     # --- the loop -----------------------------------------------------------------------
 
-    def _loop(self, executor: ThreadPoolExecutor) -> None:
+    def _loop(self) -> None:
         last_reap = 0.0
         while not self._stopping.is_set():
+            # Cleared before claiming: a push that ends meanwhile still wakes the wait below.
+            self._wake.clear()
             now = time.monotonic()
             if now - last_reap >= self.poll_interval:
                 self._guarded(services.reap_expired_leases)
@@ -137,26 +144,17 @@ class Worker:
             if free > 0:
                 claims = self._guarded(lambda n=free: self._claim(n)) or []
                 for claim in claims:
-                    self._submit(executor, claim)
+                    with self._lock:
+                        self._in_flight[claim.task.pk] = claim
+                    self._jobs.put(claim)
             close_old_connections()
             if self.burst and not claims and not self._in_flight:
                 return
-            if claims and len(claims) == free:
-                # The pool is full: wait for a slot, not for the poll interval.
-                self._wait_for_slot()
-                continue
-            if not claims:
-                self._wake.wait(self.poll_interval * random.uniform(0.8, 1.2))  # noqa: S311
-                self._wake.clear()
+            # Sleep until a push ends, a NOTIFY arrives or the poll is due.
+            self._wake.wait(self.poll_interval * random.uniform(0.8, 1.2))  # noqa: S311
 
     def _claim(self, limit: int) -> list[services.Claim]:
         return services.claim_tasks(worker_id=self.worker_id, limit=limit)
-
-    def _wait_for_slot(self) -> None:
-        with self._in_flight_lock:
-            futures = list(self._in_flight)
-        if futures:
-            wait_futures(futures, timeout=self.poll_interval, return_when="FIRST_COMPLETED")
 
     def _guarded(self, fn: Callable[[], Any]) -> Any:
         """Run a queue statement; a database hiccup is logged and retried next round."""
@@ -164,43 +162,27 @@ class Worker:
             return fn()
         except Exception:
             logger.exception("queue query failed; will retry")
-            close_old_connections()
-            try:
-                connection.close()
-            except Exception:  # noqa: S110  (the connection is already broken)
-                pass
-            time.sleep(min(self.poll_interval, 1.0))
+            connection.close()
+            self._stopping.wait(min(self.poll_interval, 1.0))
             return None
 
-    def _submit(self, executor: ThreadPoolExecutor, claim: services.Claim) -> None:
-        future = executor.submit(self._process, claim)
-        with self._in_flight_lock:
-            self._in_flight[future] = claim
-        future.add_done_callback(self._done)
+    # --- the push threads ---------------------------------------------------------------
 
-    def _done(self, future: Future[None]) -> None:
-        with self._in_flight_lock:
-            self._in_flight.pop(future, None)
-        self._wake.set()
+    def _push_thread(self) -> None:
+        pusher = self.pusher_factory()
+        try:
+            while (claim := self._jobs.get()) is not None:
+                try:
+                    self._process(pusher, claim)
+                finally:
+                    with self._lock:
+                        self._in_flight.pop(claim.task.pk, None)
+                    self._wake.set()
+        finally:
+            pusher.close()
+            connections.close_all()
 
-    # --- one push -----------------------------------------------------------------------
-
-    def _pusher(self) -> Pusher:
-        pusher: Pusher | None = getattr(self._local, "pusher", None)
-        if pusher is None:
-            pusher = self.pusher_factory()
-            self._local.pusher = pusher
-            with self._pushers_lock:
-                self._pushers.append(pusher)
-        return pusher
-
-    def _close_pushers(self) -> None:
-        with self._pushers_lock:
-            for pusher in self._pushers:
-                pusher.close()
-            self._pushers.clear()
-
-    def _process(self, claim: services.Claim) -> None:
+    def _process(self, pusher: Pusher, claim: services.Claim) -> None:
         close_old_connections()
         task = claim.task
         started = time.monotonic()
@@ -220,7 +202,7 @@ class Worker:
         try:
             if not request.source.is_file():
                 raise services.SpoolFileMissing("the spooled file is missing on this server")
-            self._pusher().push(request)
+            pusher.push(request)
         except PushError as exc:
             error, permanent = exc.message, exc.permanent
         except services.SpoolFileMissing as exc:
@@ -228,6 +210,7 @@ class Worker:
         except Exception as exc:
             logger.exception("task=%s unexpected error while pushing", task.pk)
             error = f"internal error: {type(exc).__name__}: {exc}"
+        outcome: str | None
         try:
             if error is None:
                 outcome = "succeeded" if services.complete_success(claim=claim) else None
@@ -256,20 +239,20 @@ class Worker:
 
     def _heartbeat_loop(self) -> None:
         interval = max(uploads_settings.LEASE_SECONDS / 3, 0.05)
-        while not self._stopping.wait(interval) or self._in_flight:
-            with self._in_flight_lock:
+        while not self._force.wait(interval):
+            with self._lock:
                 tokens = list({c.token for c in self._in_flight.values()})
-            if tokens:
-                try:
-                    services.renew_leases(tokens=tokens)
-                except Exception:
-                    logger.exception("could not renew leases")
-                finally:
-                    close_old_connections()
-            if self._force.is_set():
-                return
-            if self._stopping.is_set():
-                time.sleep(interval)
+            if not tokens:
+                if self._stopping.is_set():
+                    return
+                continue
+            try:
+                services.renew_leases(tokens=tokens)
+            except Exception:
+                logger.exception("could not renew leases")
+            finally:
+                # Renewals are rare: holding a connection between them is not worth it.
+                connection.close()
 
     def _listen_loop(self) -> None:
         import psycopg
@@ -288,29 +271,26 @@ class Worker:
 
     # --- shutdown -----------------------------------------------------------------------
 
-    def _drain(self, executor: ThreadPoolExecutor) -> int:
-        with self._in_flight_lock:
-            futures = list(self._in_flight)
+    def _drain(self, pool: list[threading.Thread]) -> int:
+        for _ in pool:
+            self._jobs.put(None)
         deadline = time.monotonic() + self.grace_period
-        while futures and not self._force.is_set() and time.monotonic() < deadline:
-            wait_futures(futures, timeout=0.2)
-            futures = [f for f in futures if not f.done()]
-        with self._in_flight_lock:
-            unfinished = [c for f, c in self._in_flight.items() if not f.done()]
+        for thread in pool:
+            while thread.is_alive() and not self._force.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                thread.join(timeout=min(remaining, 0.2))
+        with self._lock:
+            unfinished = list(self._in_flight.values())
+        if not unfinished:
+            logger.info("worker %s stopped after %d push(es)", self.worker_id, self.processed)
+            return 0
         released = 0
         for claim in unfinished:
             try:
                 released += services.release_claim(claim=claim)
             except Exception:
-                logger.exception(
-                    "task=%s could not be released; its lease will expire", claim.task.pk
-                )
-        executor.shutdown(wait=not unfinished, cancel_futures=True)
-        if unfinished:
-            logger.warning("released %d unfinished push(es) for another worker", released)
-            close_old_connections()
-            logging.shutdown()
-            # Pool threads blocked in I/O cannot be interrupted; their claims are released.
-            os._exit(1)
-        logger.info("worker %s stopped after %d push(es)", self.worker_id, self.processed)
-        return 0
+                logger.exception("task=%s not released; its lease will expire", claim.task.pk)
+        logger.warning("released %d unfinished push(es) for another worker", released)
+        return 1
