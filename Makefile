@@ -18,17 +18,19 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/python manage.py migrate --noinput
+	mkdir -p var/static
 	scripts/run
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy uploads uploadsvc
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy .
+	$(BIN)/mypy uploads uploadsvc
 
 format: $(STAMP)
 	$(BIN)/ruff format .
@@ -42,4 +44,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) var/spool var/test.sqlite3*
+	rm -rf $(VENV) var/spool var/test-*.sqlite3*

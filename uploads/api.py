@@ -1,7 +1,8 @@
 """The upload API: thin views that parse a request, call a service and render the task."""
 
-from typing import Any
+from typing import Any, cast
 
+from django.contrib.auth.models import User
 from django.http import QueryDict
 from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
@@ -199,7 +200,8 @@ class UploadViewSet(
             )
         else:
             params, spooled = self._receive_raw(request)
-        task = services.upload_create(owner=request.user, spooled=spooled, **params)
+        owner = cast(User, request.user)  # IsAuthenticated has run
+        task = services.upload_create(owner=owner, spooled=spooled, **params)
         body = self.get_serializer(task).data
         location = reverse("upload-detail", args=[task.pk])
         return Response(body, status=status.HTTP_202_ACCEPTED, headers={"Location": location})
@@ -238,7 +240,7 @@ class UploadViewSet(
         kept: str | None = None
         try:
             try:
-                form: QueryDict = request.POST  # type: ignore[assignment]
+                form: QueryDict = request.POST
                 files = request.FILES
             except spool.BodyTooLarge as exc:
                 raise PayloadTooLarge(str(exc)) from exc

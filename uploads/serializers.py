@@ -94,7 +94,7 @@ class UploadParamsSerializer(serializers.Serializer[dict[str, Any]]):
 
 
 @extend_schema_field({"type": "string", "nullable": True, "example": "0644"})
-class OctalModeField(serializers.Field):  # type: ignore[type-arg]
+class OctalModeField(serializers.Field):
     def to_representation(self, value: int) -> str:
         return f"{value:04o}"
 

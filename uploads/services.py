@@ -12,15 +12,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.contrib.auth.base_user import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import connection, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from uploads import spool
 from uploads.conf import uploads_settings
-from uploads.models import Outcome, Status, UploadAttempt, UploadTask
+from uploads.models import FINISHED, Outcome, Status, UploadAttempt, UploadTask
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def _notify_workers() -> None:
 
 def upload_create(
     *,
-    owner: AbstractBaseUser,
+    owner: User,
     spooled: spool.SpooledFile,
     container: str,
     path: str,
@@ -315,7 +315,7 @@ def reap_expired_leases() -> int:
                     claim_token=None,
                     lease_expires_at=None,
                 )
-            if n:
+            if n and token is not None:
                 UploadAttempt.objects.filter(task_id=pk, claim_token=token).update(
                     outcome=Outcome.LOST, error=LOST_ERROR, finished_at=now
                 )
@@ -323,3 +323,51 @@ def reap_expired_leases() -> int:
     if reaped:
         logger.warning("requeued %d task(s) whose worker lease expired", reaped)
     return reaped
+
+
+# --- housekeeping --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PurgeResult:
+    tasks: int
+    spool_files: int
+
+
+def purge_finished(
+    *,
+    succeeded_before: datetime,
+    failed_before: datetime,
+    batch_size: int = 500,
+    orphans_before: datetime | None = None,
+) -> PurgeResult:
+    """Delete finished tasks (with their attempts and spool files) in batches.
+
+    Succeeded tasks older than `succeeded_before`, failed and cancelled ones older than
+    `failed_before`. With `orphans_before`, spool files that no task references and that were
+    last modified before it (left by a crash between spooling and queueing) go too.
+    """
+    deleted_tasks = 0
+    deleted_files = 0
+    old = UploadTask.objects.filter(
+        Q(status=Status.SUCCEEDED, finished_at__lt=succeeded_before)
+        | Q(status__in=[Status.FAILED, Status.CANCELLED], finished_at__lt=failed_before)
+    )
+    while batch := list(old.values_list("pk", "spool_name")[:batch_size]):
+        with transaction.atomic():
+            _, per_model = UploadTask.objects.filter(
+                pk__in=[pk for pk, _ in batch], status__in=FINISHED
+            ).delete()
+        deleted_tasks += per_model.get(UploadTask._meta.label, 0)
+        deleted_files += sum(spool.remove(name) for _, name in batch)
+    if orphans_before is not None:
+        cutoff = orphans_before.timestamp()
+        for path in spool.spool_dir().iterdir():
+            name = path.name.removesuffix(spool.PART_SUFFIX)
+            if path.stat().st_mtime >= cutoff:
+                continue
+            if not UploadTask.objects.filter(spool_name=name).exclude(status__in=FINISHED).exists():
+                path.unlink(missing_ok=True)
+                deleted_files += 1
+    logger.info("purged %d task(s) and %d spool file(s)", deleted_tasks, deleted_files)
+    return PurgeResult(tasks=deleted_tasks, spool_files=deleted_files)

@@ -8,6 +8,7 @@ leases of what is in flight; expired leases of dead workers are reaped by the lo
 The first SIGTERM/SIGINT drains, a second one releases what is in flight and exits.
 """
 
+import functools
 import logging
 import os
 import queue
@@ -142,7 +143,7 @@ class Worker:
             free = self.threads - len(self._in_flight)
             claims: list[services.Claim] = []
             if free > 0:
-                claims = self._guarded(lambda n=free: self._claim(n)) or []
+                claims = self._guarded(functools.partial(self._claim, free)) or []
                 for claim in claims:
                     with self._lock:
                         self._in_flight[claim.task.pk] = claim

@@ -1,0 +1,52 @@
+"""purge_uploads: retention per outcome, spool files removed, live tasks untouched."""
+
+import os
+import time
+from datetime import timedelta
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+from django.utils import timezone
+
+from tests.conftest import spool_files
+from tests.factories import make_task
+from uploads.models import Status, UploadAttempt, UploadTask
+
+pytestmark = pytest.mark.django_db
+
+
+def age(task: Any, status: str, days: float) -> None:
+    UploadTask.objects.filter(pk=task.pk).update(
+        status=status, finished_at=timezone.now() - timedelta(days=days)
+    )
+
+
+def test_purge_keeps_recent_and_live_tasks(user: Any, spool: Path) -> None:
+    old_ok, new_ok, old_failed, mid_failed, pending = (make_task(user) for _ in range(5))
+    age(old_ok, Status.SUCCEEDED, 20)
+    age(new_ok, Status.SUCCEEDED, 1)
+    age(old_failed, Status.FAILED, 40)
+    age(mid_failed, Status.CANCELLED, 20)
+    out = StringIO()
+    call_command("purge_uploads", "--older-than", "14", "--batch-size", "1", stdout=out)
+    left = set(UploadTask.objects.values_list("pk", flat=True))
+    assert left == {new_ok.pk, mid_failed.pk, pending.pk}
+    assert set(spool_files(spool)) == {t.spool_name for t in (new_ok, mid_failed, pending)}
+    assert "Deleted 2 upload(s)" in out.getvalue()
+
+
+def test_purge_removes_old_orphan_spool_files_only(user: Any, spool: Path) -> None:
+    task = make_task(user)
+    orphan = spool / ("a" * 32)
+    orphan.write_bytes(b"left by a crash")
+    fresh_orphan = spool / ("b" * 32 + ".part")
+    fresh_orphan.write_bytes(b"being written right now")
+    old = time.time() - 3 * 86400
+    os.utime(orphan, (old, old))
+    os.utime(spool / task.spool_name, (old, old))
+    call_command("purge_uploads", stdout=StringIO())
+    assert set(spool_files(spool)) == {task.spool_name, fresh_orphan.name}
+    assert UploadAttempt.objects.count() == 0

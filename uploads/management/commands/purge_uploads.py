@@ -1,0 +1,61 @@
+"""`manage.py purge_uploads`: delete old finished uploads and their spool files, in batches."""
+
+import argparse
+from datetime import timedelta
+from typing import Any
+
+from django.core.management.base import BaseCommand
+from django.utils import timezone
+
+from uploads import services
+
+
+def non_negative_float(value: str) -> float:
+    number = float(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return number
+
+
+class Command(BaseCommand):
+    help = "Delete finished uploads older than a retention period, and their spool files."
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--older-than",
+            type=non_negative_float,
+            default=14.0,
+            metavar="DAYS",
+            help="retention for succeeded uploads, in days (14)",
+        )
+        parser.add_argument(
+            "--failed-older-than",
+            type=non_negative_float,
+            default=None,
+            metavar="DAYS",
+            help="retention for failed and cancelled uploads (default: twice --older-than)",
+        )
+        parser.add_argument("--batch-size", type=int, default=500)
+        parser.add_argument(
+            "--orphans-older-than",
+            type=non_negative_float,
+            default=1.0,
+            metavar="DAYS",
+            help="also delete spool files no live task references, older than this (1)",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        now = timezone.now()
+        days = options["older_than"]
+        failed_days = options["failed_older_than"]
+        if failed_days is None:
+            failed_days = days * 2
+        result = services.purge_finished(
+            succeeded_before=now - timedelta(days=days),
+            failed_before=now - timedelta(days=failed_days),
+            batch_size=options["batch_size"],
+            orphans_before=now - timedelta(days=options["orphans_older_than"]),
+        )
+        self.stdout.write(
+            f"Deleted {result.tasks} upload(s) and {result.spool_files} spool file(s)."
+        )
