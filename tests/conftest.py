@@ -14,7 +14,14 @@ from django.db import connection
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from uploads.models import Grant
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _fast_passwords(settings: Any) -> None:
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 @pytest.fixture(autouse=True)
@@ -30,14 +37,23 @@ def spool_files(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir())
 
 
+def grant_everything(user: Any) -> None:
+    Grant.objects.create(user=user, instance_glob="*", project="*")
+
+
 @pytest.fixture
 def user(django_user_model: Any) -> Any:
-    return django_user_model.objects.create_user(username="alice", password="pw-alice-123")
+    """alice, who may push anywhere (grants are tested on their own in test_grants.py)."""
+    alice = django_user_model.objects.create_user(username="alice", password="pw-alice-123")
+    grant_everything(alice)
+    return alice
 
 
 @pytest.fixture
 def other_user(django_user_model: Any) -> Any:
-    return django_user_model.objects.create_user(username="bob", password="pw-bob-123")
+    bob = django_user_model.objects.create_user(username="bob", password="pw-bob-123")
+    grant_everything(bob)
+    return bob
 
 
 @pytest.fixture

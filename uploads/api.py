@@ -10,8 +10,10 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import (
+    APIException,
     NotFound,
     ParseError,
+    PermissionDenied,
     UnsupportedMediaType,
     ValidationError,
 )
@@ -48,8 +50,9 @@ RAW_HEADERS = {
     "HTTP_X_FILE_GID": "gid",
     "HTTP_X_CREATE_DIRS": "create_dirs",
     "HTTP_X_INCUS_PROJECT": "project",
+    "HTTP_X_INCUS_REMOTE": "remote",
 }
-FORM_FIELDS = ("container", "path", "mode", "uid", "gid", "create_dirs", "project")
+FORM_FIELDS = ("container", "path", "mode", "uid", "gid", "create_dirs", "project", "remote")
 
 RAW_UPLOAD_PARAMETERS = [
     OpenApiParameter("X-Container-Name", str, OpenApiParameter.HEADER, description="Instance name"),
@@ -135,6 +138,27 @@ def _validated(data: dict[str, Any]) -> dict[str, Any]:
     return dict(params.validated_data)
 
 
+def _check_granted(request: Request, params: dict[str, Any], size: int | None) -> None:
+    permission = selectors.upload_permission(
+        user=request.user,
+        remote=params["remote"],
+        project=params["project"],
+        instance=params["container"],
+        path=params["path"],
+        size=size,
+    )
+    if permission.allowed:
+        return
+    if permission.status == status.HTTP_413_REQUEST_ENTITY_TOO_LARGE:
+        raise PayloadTooLarge(permission.reason)
+    raise PermissionDenied(permission.reason)
+
+
+def _source(request: Request) -> str | None:
+    address: str | None = request.META.get("REMOTE_ADDR") or None
+    return address
+
+
 class UploadViewSet(
     mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[UploadTask]
 ):
@@ -187,6 +211,20 @@ class UploadViewSet(
         responses={202: UploadTaskSerializer},
     )
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        try:
+            return self._create(request)
+        except APIException as exc:
+            services.audit(
+                action="upload",
+                outcome="refused",
+                user=request.user,
+                source=_source(request),
+                status=exc.status_code,
+                reason=exc.detail,
+            )
+            raise
+
+    def _create(self, request: Request) -> Response:
         content_type = request.content_type.split(";")[0].strip().lower()
         if content_type == "multipart/form-data":
             params, spooled = self._receive_multipart(request)
@@ -202,12 +240,23 @@ class UploadViewSet(
             params, spooled = self._receive_raw(request)
         owner = cast(User, request.user)  # IsAuthenticated has run
         task = services.upload_create(owner=owner, spooled=spooled, **params)
+        services.audit(
+            action="upload",
+            outcome="accepted",
+            user=owner,
+            source=_source(request),
+            task_id=task.pk,
+            instance=f"{task.remote}:{task.project}/{task.instance}",
+            path=task.path,
+            size=task.size,
+        )
         body = self.get_serializer(task).data
         location = reverse("upload-detail", args=[task.pk])
         return Response(body, status=status.HTTP_202_ACCEPTED, headers={"Location": location})
 
     def _receive_raw(self, request: Request) -> tuple[dict[str, Any], spool.SpooledFile]:
         params = _validated({name: request.META.get(h) for h, name in RAW_HEADERS.items()})
+        _check_granted(request, params, _content_length(request))
         length = _check_capacity(request)
         environ = request._request.META
         if length is None:
@@ -230,6 +279,12 @@ class UploadViewSet(
             raise InsufficientStorage() from exc
         except spool.TruncatedBody as exc:
             raise IncompleteBody(str(exc)) from exc
+        if length is None:
+            try:
+                _check_granted(request, params, spooled.size)  # the size of a chunked body
+            except APIException:
+                spool.remove(spooled.name)
+                raise
         return params, spooled
 
     def _receive_multipart(self, request: Request) -> tuple[dict[str, Any], spool.SpooledFile]:
@@ -257,6 +312,8 @@ class UploadViewSet(
             data: dict[str, Any] = {name: form.get(name) for name in FORM_FIELDS}
             data["filename"] = upload.name or ""
             params = _validated(data)
+            # Multipart fields arrive in the body, so this check can only run after it.
+            _check_granted(request, params, upload.spooled.size)
             kept = upload.spooled.name
             return params, upload.spooled
         finally:
@@ -277,6 +334,16 @@ class UploadViewSet(
             raise Conflict(str(exc)) from exc
         except services.SpoolFileMissing as exc:
             raise Gone(str(exc)) from exc
+        except services.NotGranted as exc:
+            raise PermissionDenied(str(exc)) from exc
+        finally:
+            services.audit(
+                action="retry",
+                outcome="done" if task.status == "pending" else "refused",
+                user=request.user,
+                source=_source(request),
+                task_id=task.pk,
+            )
         return Response(self.get_serializer(task).data)
 
     @extend_schema(request=None, responses={200: UploadTaskSerializer, 409: OpenApiResponse()})
@@ -287,4 +354,12 @@ class UploadViewSet(
             task = services.upload_cancel(task=task)
         except services.TaskStateError as exc:
             raise Conflict(str(exc)) from exc
+        finally:
+            services.audit(
+                action="cancel",
+                outcome="done" if task.status == "cancelled" else "refused",
+                user=request.user,
+                source=_source(request),
+                task_id=task.pk,
+            )
         return Response(self.get_serializer(task).data)

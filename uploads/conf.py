@@ -24,6 +24,9 @@ DEFAULTS: dict[str, Any] = {
     # The Incus API: a unix socket path or an https:// URL.
     "INCUS_ENDPOINT": "/var/lib/incus/unix.socket",
     "INCUS_TIMEOUT": 60.0,
+    # Named Incus servers: {"name": {"endpoint": ..., "cert": ..., "key": ..., "verify": ...}}.
+    # None means one remote, "local", at INCUS_ENDPOINT.
+    "REMOTES": None,
     # Dotted path of the pusher class (like EMAIL_BACKEND).
     "PUSHER": "uploads.incus.IncusPusher",
     "MAX_ATTEMPTS": 5,
@@ -31,6 +34,8 @@ DEFAULTS: dict[str, Any] = {
     "RETRY_MAX_SECONDS": 600.0,
     # How long a claim stays valid without a heartbeat.
     "LEASE_SECONDS": 60.0,
+    # Lifetime of API tokens in seconds; None for tokens that never expire.
+    "TOKEN_TTL_SECONDS": None,
     # Size of the chunks read from the request and written to the spool.
     "CHUNK_SIZE": 1024 * 1024,
 }
@@ -51,6 +56,13 @@ class UploadsSettings:
     @property
     def spool_dir(self) -> Path:
         return Path(self.SPOOL_DIR)
+
+    @property
+    def remotes(self) -> dict[str, dict[str, Any]]:
+        configured: dict[str, dict[str, Any]] | None = self.REMOTES
+        if configured:
+            return configured
+        return {"local": {"endpoint": self.INCUS_ENDPOINT}}
 
     def reload(self) -> None:
         self._cache.clear()

@@ -48,6 +48,7 @@ class UploadTask(models.Model):
         related_name="upload_tasks",
         verbose_name=_("owner"),
     )
+    remote = models.CharField(_("Incus remote"), max_length=63, default="local")
     project = models.CharField(_("Incus project"), max_length=63, default="default")
     instance = models.CharField(_("instance"), max_length=63)
     path = models.CharField(_("destination path"), max_length=4096)
@@ -172,3 +173,87 @@ class UploadAttempt(models.Model):
         if self.finished_at is None:
             return None
         return (self.finished_at - self.started_at).total_seconds()
+
+
+class Grant(models.Model):
+    """Who may push where: a user or a group, a remote, a project, an instance-name glob,
+    optional path prefixes and an optional size limit."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="upload_grants",
+        verbose_name=_("user"),
+    )
+    group = models.ForeignKey(
+        "auth.Group",
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="upload_grants",
+        verbose_name=_("group"),
+    )
+    remote = models.CharField(_("remote"), max_length=63, default="local")
+    project = models.CharField(
+        _("project"), max_length=63, default="default", help_text=_("A project name or a glob.")
+    )
+    instance_glob = models.CharField(
+        _("instances"), max_length=63, help_text=_("An instance-name glob, e.g. ci-* or web1.")
+    )
+    path_prefixes = models.JSONField(
+        _("path prefixes"),
+        default=list,
+        blank=True,
+        help_text=_("Directories under which files may be written; empty allows every path."),
+    )
+    max_size = models.PositiveBigIntegerField(
+        _("maximum file size"), null=True, blank=True, help_text=_("In bytes; empty for none.")
+    )
+    created_at = models.DateTimeField(_("created at"), default=timezone.now)
+
+    class Meta:
+        verbose_name = _("grant")
+        verbose_name_plural = _("grants")
+        ordering = ["instance_glob", "pk"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(user__isnull=False) & Q(group__isnull=True))
+                | (Q(user__isnull=True) & Q(group__isnull=False)),
+                name="grant_user_xor_group",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        who = f"user {self.user}" if self.user_id else f"group {self.group}"
+        prefixes = ", ".join(self.path_prefixes) or "any path"
+        return f"{who}: {self.remote}:{self.project}/{self.instance_glob} ({prefixes})"
+
+
+class AuditEvent(models.Model):
+    """Who did what to which upload or grant, from where, and how it ended."""
+
+    at = models.DateTimeField(_("at"), default=timezone.now, db_index=True)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        verbose_name=_("user"),
+    )
+    username = models.CharField(_("user name"), max_length=150, blank=True)
+    action = models.CharField(_("action"), max_length=32, db_index=True)
+    outcome = models.CharField(_("outcome"), max_length=32)
+    source = models.GenericIPAddressField(_("source address"), null=True, blank=True)
+    task_id = models.UUIDField(_("upload"), null=True, blank=True, db_index=True)
+    detail = models.JSONField(_("detail"), default=dict, blank=True)
+
+    class Meta:
+        verbose_name = _("audit event")
+        verbose_name_plural = _("audit events")
+        ordering = ["-at"]
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.username or '-'} {self.action} {self.outcome}"

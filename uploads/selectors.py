@@ -1,11 +1,13 @@
 """Reads: which tasks a user may see, and how the queue stands."""
 
+from dataclasses import dataclass
 from datetime import datetime
+from fnmatch import fnmatchcase
 from typing import Any, TypedDict
 
-from django.db.models import Count, Min, QuerySet
+from django.db.models import Count, Min, Q, QuerySet
 
-from uploads.models import Status, UploadTask
+from uploads.models import Grant, Status, UploadTask
 
 
 def visible_tasks(*, user: Any) -> QuerySet[UploadTask]:
@@ -47,3 +49,83 @@ def queue_summary() -> QueueSummary:
         "oldest_pending_at": pending.aggregate(oldest=Min("created_at"))["oldest"],
         "waiting_for_retry": pending.filter(attempts__gt=0).count(),
     }
+
+
+# --- grants --------------------------------------------------------------------------------
+
+
+def path_within(path: str, prefix: str) -> bool:
+    """Whether a normalised absolute path lies in a directory, respecting boundaries:
+    /srv/app holds /srv/app/x but not /srv/application/x."""
+    prefix = "/" + prefix.strip("/")
+    return prefix == "/" or path == prefix or path.startswith(prefix + "/")
+
+
+@dataclass(frozen=True)
+class UploadPermission:
+    allowed: bool
+    status: int = 200
+    reason: str = ""
+    grant: Grant | None = None
+
+
+def user_grants(*, user: Any) -> QuerySet[Grant]:
+    return Grant.objects.filter(Q(user=user) | Q(group__in=user.groups.all())).select_related(
+        "user", "group"
+    )
+
+
+def upload_permission(
+    *, user: Any, remote: str, project: str, instance: str, path: str, size: int | None
+) -> UploadPermission:
+    """May this user write `path` in this instance? Superusers may push anywhere.
+
+    `size` is None when unknown (a chunked body): the size limit is then checked again once
+    the body is in.
+    """
+    if user.is_superuser:
+        return UploadPermission(allowed=True)
+    target = f"{instance}' in project '{project}' on remote '{remote}"
+    matching = [
+        g
+        for g in user_grants(user=user)
+        if g.remote == remote
+        and fnmatchcase(project, g.project)
+        and fnmatchcase(instance, g.instance_glob)
+    ]
+    if not matching:
+        return UploadPermission(False, 403, f"you have no grant for instance '{target}'")
+    on_path = [
+        g
+        for g in matching
+        if not g.path_prefixes or any(path_within(path, p) for p in g.path_prefixes)
+    ]
+    if not on_path:
+        allowed = sorted({p for g in matching for p in g.path_prefixes})
+        return UploadPermission(
+            False,
+            403,
+            f"{path} is outside the directories granted in '{instance}': {', '.join(allowed)}",
+        )
+    if size is None:
+        return UploadPermission(True, grant=on_path[0])
+    for grant in on_path:
+        if grant.max_size is None or size <= grant.max_size:
+            return UploadPermission(True, grant=grant)
+    largest = max(g.max_size or 0 for g in on_path)
+    return UploadPermission(
+        False,
+        413,
+        f"the file is {size} bytes; your grant for '{instance}' allows at most {largest}",
+    )
+
+
+def task_permission(task: UploadTask) -> UploadPermission:
+    return upload_permission(
+        user=task.owner,
+        remote=task.remote,
+        project=task.project,
+        instance=task.instance,
+        path=task.path,
+        size=task.size,
+    )

@@ -9,6 +9,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.reverse import reverse
 
+from uploads.conf import uploads_settings
 from uploads.models import MAX_ID, Status, UploadTask
 
 # Incus instance names are hostnames: letters, digits and hyphens, 1-63 characters, not
@@ -46,6 +47,7 @@ class UploadParamsSerializer(serializers.Serializer[dict[str, Any]]):
     container = serializers.CharField(max_length=63, trim_whitespace=True)
     path = serializers.CharField(max_length=MAX_PATH_BYTES * 4, trim_whitespace=False)
     project = serializers.CharField(max_length=63, required=False, default="default")
+    remote = serializers.CharField(max_length=63, required=False, default="local")
     filename = serializers.CharField(max_length=4096, required=False, allow_blank=True, default="")
     mode = serializers.CharField(required=False, allow_null=True, default=None)
     uid = serializers.IntegerField(
@@ -71,6 +73,15 @@ class UploadParamsSerializer(serializers.Serializer[dict[str, Any]]):
         if not PROJECT_NAME.match(value):
             raise serializers.ValidationError(
                 _("'%(name)s' is not a valid Incus project name.") % {"name": value}
+            )
+        return value
+
+    def validate_remote(self, value: str) -> str:
+        remotes = uploads_settings.remotes
+        if value not in remotes:
+            raise serializers.ValidationError(
+                _("Unknown remote '%(name)s'; configured: %(known)s.")
+                % {"name": value, "known": ", ".join(sorted(remotes))}
             )
         return value
 
@@ -111,6 +122,7 @@ class UploadTaskSerializer(serializers.ModelSerializer[UploadTask]):
             "url",
             "status",
             "container",
+            "remote",
             "project",
             "path",
             "filename",

@@ -5,6 +5,7 @@ retry from the API are the same thing. Claims and completions are conditional UP
 count decides, so two workers can never both own or both finish a task.
 """
 
+import json
 import logging
 import random
 import uuid
@@ -20,7 +21,16 @@ from django.utils import timezone
 
 from uploads import spool
 from uploads.conf import uploads_settings
-from uploads.models import FINISHED, Outcome, Status, UploadAttempt, UploadTask
+from uploads.models import (
+    FINISHED,
+    AuditEvent,
+    Grant,
+    Outcome,
+    Status,
+    UploadAttempt,
+    UploadTask,
+)
+from uploads.selectors import task_permission
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +43,51 @@ class TaskStateError(Exception):
 
 class SpoolFileMissing(Exception):
     """The task's spool file is gone, so it can never be pushed again."""
+
+
+class NotGranted(Exception):
+    """No grant lets the task's owner write there (any more)."""
+
+
+audit_logger = logging.getLogger("uploads.audit")
+
+
+def audit(
+    *,
+    action: str,
+    outcome: str,
+    user: Any = None,
+    source: str | None = None,
+    task_id: uuid.UUID | str | None = None,
+    **detail: Any,
+) -> AuditEvent:
+    """Record who did what, from where, and how it ended: a row and a structured log line."""
+    user = user if getattr(user, "is_authenticated", False) else None
+    event = AuditEvent.objects.create(
+        user=user,
+        username=user.get_username() if user else "",
+        action=action,
+        outcome=outcome,
+        source=source,
+        task_id=task_id,
+        detail=detail,
+    )
+    audit_logger.info(
+        "audit %s",
+        json.dumps(
+            {
+                "action": action,
+                "outcome": outcome,
+                "user": event.username or None,
+                "source": source,
+                "task": str(task_id) if task_id else None,
+                **detail,
+            },
+            default=str,
+            sort_keys=True,
+        ),
+    )
+    return event
 
 
 def _notify_workers() -> None:
@@ -50,6 +105,7 @@ def upload_create(
     container: str,
     path: str,
     project: str = "default",
+    remote: str = "local",
     filename: str = "",
     mode: int | None = None,
     uid: int | None = None,
@@ -63,6 +119,7 @@ def upload_create(
                 owner=owner,
                 instance=container,
                 project=project,
+                remote=remote,
                 path=path,
                 filename=filename,
                 size=spooled.size,
@@ -97,6 +154,9 @@ def upload_retry(*, task: UploadTask) -> UploadTask:
         )
     if not spool.exists(task.spool_name):
         raise SpoolFileMissing("the uploaded file is no longer on the server; upload it again")
+    permission = task_permission(task)
+    if not permission.allowed:
+        raise NotGranted(permission.reason)
     now = timezone.now()
     updated = UploadTask.objects.filter(
         pk=task.pk, status__in=[Status.FAILED, Status.CANCELLED]
@@ -371,3 +431,40 @@ def purge_finished(
                 deleted_files += 1
     logger.info("purged %d task(s) and %d spool file(s)", deleted_tasks, deleted_files)
     return PurgeResult(tasks=deleted_tasks, spool_files=deleted_files)
+
+
+# --- grants --------------------------------------------------------------------------------
+
+
+def grant_create(
+    *,
+    actor: Any,
+    user: Any = None,
+    group: Any = None,
+    instance_glob: str,
+    project: str = "default",
+    remote: str = "local",
+    path_prefixes: list[str] | None = None,
+    max_size: int | None = None,
+) -> Grant:
+    grant = Grant.objects.create(
+        user=user,
+        group=group,
+        instance_glob=instance_glob,
+        project=project,
+        remote=remote,
+        path_prefixes=["/" + p.strip("/") for p in path_prefixes or []],
+        max_size=max_size,
+    )
+    audit(action="grant", outcome="created", user=actor, grant=str(grant), grant_id=grant.pk)
+    return grant
+
+
+def grant_revoke(*, actor: Any, grants: Any) -> int:
+    count = 0
+    for grant in list(grants):
+        description, pk = str(grant), grant.pk
+        grant.delete()
+        audit(action="grant", outcome="revoked", user=actor, grant=description, grant_id=pk)
+        count += 1
+    return count

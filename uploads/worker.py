@@ -24,7 +24,7 @@ from typing import Any
 
 from django.db import close_old_connections, connection, connections
 
-from uploads import services
+from uploads import selectors, services
 from uploads.conf import uploads_settings
 from uploads.pushers import Pusher, PushError, PushRequest, build_pusher
 from uploads.spool import spool_path
@@ -203,11 +203,16 @@ class Worker:
         try:
             if not request.source.is_file():
                 raise services.SpoolFileMissing("the spooled file is missing on this server")
+            permission = selectors.task_permission(task)
+            if not permission.allowed:
+                raise services.NotGranted(permission.reason)
             pusher.push(request)
         except PushError as exc:
             error, permanent = exc.message, exc.permanent
         except services.SpoolFileMissing as exc:
             error, permanent = str(exc), True
+        except services.NotGranted as exc:
+            error, permanent = f"grant revoked: {exc}", True
         except Exception as exc:
             logger.exception("task=%s unexpected error while pushing", task.pk)
             error = f"internal error: {type(exc).__name__}: {exc}"

@@ -113,13 +113,17 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REST_FRAMEWORK: dict[str, Any] = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "uploads.authentication.ExpiringTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
+    # Per-user request rate, e.g. "600/min"; off unless set. Counts live in the cache (per
+    # process with the default local-memory cache).
+    "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.UserRateThrottle"],
+    "DEFAULT_THROTTLE_RATES": {"user": env.str("DJANGO_THROTTLE_USER_RATE", default=None)},
 }
 
 SPECTACULAR_SETTINGS = {
@@ -147,7 +151,22 @@ UPLOADS = {
     "RETRY_BASE_SECONDS": env.float("UPLOADS_RETRY_BASE_SECONDS", default=2.0),
     "RETRY_MAX_SECONDS": env.float("UPLOADS_RETRY_MAX_SECONDS", default=600.0),
     "LEASE_SECONDS": env.float("UPLOADS_LEASE_SECONDS", default=60.0),
+    "TOKEN_TTL_SECONDS": env.int("UPLOADS_TOKEN_TTL_SECONDS", default=None),
 }
+
+# Behind HTTPS (set DJANGO_HTTPS=true in production): secure cookies, redirects and HSTS.
+if env.bool("DJANGO_HTTPS", default=False):
+    SECURE_SSL_REDIRECT = env.bool("DJANGO_SSL_REDIRECT", default=True)
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env.int("DJANGO_HSTS_SECONDS", default=31_536_000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", default=True)
+    SECURE_HSTS_PRELOAD = env.bool("DJANGO_HSTS_PRELOAD", default=False)
+    if env.bool("DJANGO_BEHIND_PROXY", default=False):
+        # Only when a proxy that sets this header (and strips it from clients) fronts us.
+        SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# Submitting a domain to the HSTS preload list is the operator's decision, not a default.
+SILENCED_SYSTEM_CHECKS = ["security.W021"]
 
 LOG_LEVEL = env.str("DJANGO_LOG_LEVEL", default="INFO")
 LOGGING = {

@@ -1,0 +1,240 @@
+"""Who may push where: grants, the worker's re-check, tokens, audit, hardening."""
+
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import Group
+from django.core.management import call_command
+from django.utils import timezone
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from tests.conftest import ROOT, Server, spool_files, subprocess_env, token_client
+from tests.test_api import raw_upload
+from uploads.models import AuditEvent, Status, UploadTask
+from uploads.pushers import NullPusher
+from uploads.selectors import path_within
+from uploads.worker import Worker
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def carol(django_user_model: Any) -> Any:
+    """A user with no grants of her own."""
+    return django_user_model.objects.create_user(username="carol", password="pw-carol-123")
+
+
+@pytest.fixture
+def carol_api(carol: Any) -> APIClient:
+    return token_client(carol)
+
+
+def grant(who: str, glob: str, *args: str) -> str:
+    out = StringIO()
+    call_command("grant_container", who, glob, *args, stdout=out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("path", "prefix", "inside"),
+    [
+        ("/srv/app/x", "/srv/app", True),
+        ("/srv/app", "/srv/app", True),
+        ("/srv/app/x", "/srv/app/", True),
+        ("/srv/application/x", "/srv/app", False),
+        ("/srv/ap", "/srv/app", False),
+        ("/etc/passwd", "/", True),
+    ],
+)
+def test_path_within_respects_directory_boundaries(path: str, prefix: str, inside: bool) -> None:
+    assert path_within(path, prefix) is inside
+
+
+def test_no_grant_is_403_naming_the_instance_and_nothing_queued(
+    carol_api: APIClient, spool: Path
+) -> None:
+    response = raw_upload(carol_api)
+    assert response.status_code == 403
+    assert response.json()["detail"] == (
+        "you have no grant for instance 'web1' in project 'default' on remote 'local'"
+    )
+    assert UploadTask.objects.count() == 0 and spool_files(spool) == []
+    event = AuditEvent.objects.get()
+    assert (event.username, event.action, event.outcome) == ("carol", "upload", "refused")
+    assert event.detail["status"] == 403
+
+
+def test_grant_on_glob_and_prefix_allows_there_and_nowhere_else(
+    carol_api: APIClient, spool: Path
+) -> None:
+    assert "Granted" in grant("carol", "web-*", "--path-prefix", "/srv/www")
+    ok = raw_upload(carol_api, x_container_name="web-1", x_file_path="/srv/www/index.html")
+    assert ok.status_code == 202
+    refused = {
+        ("db-1", "/srv/www/index.html"): "no grant",
+        ("web-1", "/srv/wwwroot/index.html"): "outside the directories",
+        ("web-1", "/srv/www/../../etc/shadow"): "outside the directories",
+        ("web-1", "/etc/shadow"): "outside the directories",
+    }
+    for (instance, path), reason in refused.items():
+        response = raw_upload(carol_api, x_container_name=instance, x_file_path=path)
+        assert response.status_code == 403, (instance, path)
+        assert reason in response.json()["detail"]
+    assert UploadTask.objects.count() == 1
+    assert len(spool_files(spool)) == 1
+
+
+def test_project_and_remote_are_part_of_the_grant(carol_api: APIClient, settings: Any) -> None:
+    settings.UPLOADS = {
+        **settings.UPLOADS,
+        "REMOTES": {"local": {"endpoint": "/x"}, "edge": {"endpoint": "https://edge:8443"}},
+    }
+    grant("carol", "web1", "--project", "staging")
+    assert raw_upload(carol_api, x_incus_project="staging").status_code == 202
+    assert raw_upload(carol_api).status_code == 403  # project default
+    response = raw_upload(carol_api, x_incus_project="staging", x_incus_remote="edge")
+    assert response.status_code == 403
+    unknown = raw_upload(carol_api, x_incus_remote="nowhere")
+    assert unknown.status_code == 400
+    assert "edge, local" in unknown.json()["remote"][0]
+
+
+def test_group_grant(carol: Any, carol_api: APIClient) -> None:
+    ops = Group.objects.create(name="ops")
+    carol.groups.add(ops)
+    grant("@ops", "*")
+    assert raw_upload(carol_api).status_code == 202
+
+
+def test_grant_size_limit_is_413_before_reading(carol_api: APIClient, spool: Path) -> None:
+    grant("carol", "web1", "--max-size", "10")
+    response = raw_upload(carol_api, b"x" * 11)
+    assert response.status_code == 413
+    assert "at most 10" in response.json()["detail"]
+    assert raw_upload(carol_api, b"x" * 10).status_code == 202
+
+
+def test_multipart_upload_is_checked_too(carol_api: APIClient, spool: Path) -> None:
+    from tests.test_api import form_upload
+
+    grant("carol", "web1", "--path-prefix", "/srv/app")
+    assert form_upload(carol_api, path="/srv/app/ok").status_code == 202
+    response = form_upload(carol_api, path="/srv/application/no")
+    assert response.status_code == 403
+    assert len(spool_files(spool)) == 1
+
+
+def test_superuser_needs_no_grant(django_user_model: Any) -> None:
+    root = django_user_model.objects.create_superuser("root", "r@example.com", "pw-root-123")
+    assert raw_upload(token_client(root), x_container_name="anything").status_code == 202
+
+
+@pytest.mark.django_db(transaction=True)
+def test_revoked_grant_stops_the_waiting_task_and_blocks_its_retry(
+    carol: Any, carol_api: APIClient
+) -> None:
+    grant("carol", "web1")
+    task_id = raw_upload(carol_api).json()["id"]
+    assert "Revoked 1 grant(s)" in grant("carol", "web1", "--revoke")
+    Worker(threads=1, burst=True, pusher_factory=NullPusher).run()
+    task = UploadTask.objects.get(pk=task_id)
+    assert task.status == Status.FAILED and task.attempts == 1
+    assert task.last_error.startswith("grant revoked: you have no grant for instance 'web1'")
+
+    response = carol_api.post(f"/api/uploads/{task_id}/retry/")
+    assert response.status_code == 403
+    assert UploadTask.objects.get(pk=task_id).status == Status.FAILED
+
+    grant("carol", "web1")
+    assert carol_api.post(f"/api/uploads/{task_id}/retry/").status_code == 200
+    actions = list(AuditEvent.objects.order_by("at").values_list("action", "outcome"))
+    assert actions == [
+        ("grant", "created"),
+        ("upload", "accepted"),
+        ("grant", "revoked"),
+        ("retry", "refused"),
+        ("grant", "created"),
+        ("retry", "done"),
+    ]
+
+
+def test_cancel_is_audited(api: APIClient) -> None:
+    task_id = raw_upload(api).json()["id"]
+    api.post(f"/api/uploads/{task_id}/cancel/")
+    event = AuditEvent.objects.get(action="cancel")
+    assert (event.username, event.outcome, str(event.task_id)) == ("alice", "done", task_id)
+    assert event.source == "127.0.0.1"
+
+
+def test_expired_and_revoked_tokens_get_401(user: Any, settings: Any) -> None:
+    settings.UPLOADS = {**settings.UPLOADS, "TOKEN_TTL_SECONDS": 3600}
+    client = token_client(user)
+    assert client.get("/api/uploads/").status_code == 200
+    Token.objects.filter(user=user).update(created=timezone.now() - timedelta(hours=2))
+    expired = client.get("/api/uploads/")
+    assert expired.status_code == 401
+    assert "expired" in expired.json()["detail"]
+    Token.objects.filter(user=user).delete()
+    assert client.get("/api/uploads/").status_code == 401
+
+
+def test_user_throttle_is_configurable(api: APIClient, settings: Any) -> None:
+    from rest_framework.throttling import UserRateThrottle
+
+    settings.REST_FRAMEWORK = {
+        **settings.REST_FRAMEWORK,
+        "DEFAULT_THROTTLE_RATES": {"user": "2/min"},
+    }
+    UserRateThrottle.THROTTLE_RATES = {"user": "2/min"}
+    try:
+        from django.core.cache import cache
+
+        cache.clear()
+        codes = [api.get("/api/uploads/").status_code for _ in range(3)]
+    finally:
+        UserRateThrottle.THROTTLE_RATES = {"user": None}
+    assert codes == [200, 200, 429]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_refusal_comes_before_the_body_is_read(gunicorn_server: Server, carol: Any) -> None:
+    token = Token.objects.create(user=carol).key
+    head = (
+        "POST /api/uploads/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Token {token}\r\nContent-Type: application/octet-stream\r\n"
+        "X-Container-Name: web1\r\nX-File-Path: /srv/f\r\n"
+        "Content-Length: 10000000000\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", gunicorn_server.port), timeout=10) as sock:
+        sock.sendall(head)  # and not one byte of the 10 GB body
+        answer = b""
+        while not answer.endswith(b"}"):
+            answer += sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
+    assert b"no grant for instance 'web1'" in answer
+
+
+def test_check_deploy_passes_with_the_documented_production_settings(tmp_path: Path) -> None:
+    env = subprocess_env(
+        tmp_path,
+        DJANGO_SECRET_KEY="k" * 10 + "0123456789abcdefghijklmnopqrstuvwxyz-_ABCDEFGH",
+        DJANGO_DEBUG="false",
+        DJANGO_HTTPS="true",
+        DJANGO_ALLOWED_HOSTS="uploads.example.com",
+    )
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
