@@ -1,5 +1,7 @@
 """The upload API: thin views that parse a request, call a service and render the task."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 from django.contrib.auth.models import User
@@ -21,9 +23,10 @@ from rest_framework.parsers import BaseParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from uploads import selectors, services, spool
+from uploads import metrics, selectors, services, spool
 from uploads.conf import uploads_settings
 from uploads.exceptions import (
+    BodyTimeout,
     Conflict,
     Gone,
     IncompleteBody,
@@ -154,6 +157,30 @@ def _check_granted(request: Request, params: dict[str, Any], size: int | None) -
     raise PermissionDenied(permission.reason)
 
 
+@contextmanager
+def _body_read_timeout(request: Request) -> Iterator[None]:
+    """A client that stops sending mid-body must not hold a server thread forever: gunicorn
+    has no body-read timeout of its own, so one is set on its socket for the read."""
+    sock = request.META.get("gunicorn.socket")
+    if sock is None:
+        yield
+        return
+    previous = sock.gettimeout()
+    sock.settimeout(uploads_settings.BODY_READ_TIMEOUT)
+    try:
+        yield
+    finally:
+        sock.settimeout(previous)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, TimeoutError):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
 def _source(request: Request) -> str | None:
     address: str | None = request.META.get("REMOTE_ADDR") or None
     return address
@@ -214,6 +241,7 @@ class UploadViewSet(
         try:
             return self._create(request)
         except APIException as exc:
+            metrics.UPLOADS_REFUSED.labels(status=str(exc.status_code)).inc()
             services.audit(
                 action="upload",
                 outcome="refused",
@@ -240,6 +268,8 @@ class UploadViewSet(
             params, spooled = self._receive_raw(request)
         owner = cast(User, request.user)  # IsAuthenticated has run
         task = services.upload_create(owner=owner, spooled=spooled, **params)
+        metrics.UPLOADS_ACCEPTED.inc()
+        metrics.UPLOAD_BYTES.inc(task.size)
         services.audit(
             action="upload",
             outcome="accepted",
@@ -270,14 +300,17 @@ class UploadViewSet(
         else:
             read = request._request.read
         try:
-            spooled = spool.spool_stream(
-                read, expected=length, max_size=uploads_settings.MAX_UPLOAD_SIZE
-            )
+            with _body_read_timeout(request):
+                spooled = spool.spool_stream(
+                    read, expected=length, max_size=uploads_settings.MAX_UPLOAD_SIZE
+                )
         except spool.BodyTooLarge as exc:
             raise PayloadTooLarge(str(exc)) from exc
         except spool.SpoolFull as exc:
             raise InsufficientStorage() from exc
         except spool.TruncatedBody as exc:
+            if _timed_out(exc):
+                raise BodyTimeout() from exc
             raise IncompleteBody(str(exc)) from exc
         if length is None:
             try:
@@ -295,12 +328,19 @@ class UploadViewSet(
         kept: str | None = None
         try:
             try:
-                form: QueryDict = request.POST
-                files = request.FILES
+                with _body_read_timeout(request):
+                    form: QueryDict = request.POST
+                    files = request.FILES
             except spool.BodyTooLarge as exc:
                 raise PayloadTooLarge(str(exc)) from exc
             except spool.SpoolFull as exc:
                 raise InsufficientStorage() from exc
+            except OSError as exc:  # UnreadablePostError: reset, or the read timed out
+                if _timed_out(exc):
+                    raise BodyTimeout() from exc
+                raise IncompleteBody(
+                    f"the connection failed while reading the body: {exc}"
+                ) from exc
             counter = django_request.META.get(ENVIRON_KEY)
             if counter is not None and counter.bytes_read < length:
                 raise IncompleteBody(

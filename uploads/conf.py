@@ -36,6 +36,8 @@ DEFAULTS: dict[str, Any] = {
     "LEASE_SECONDS": 60.0,
     # Lifetime of API tokens in seconds; None for tokens that never expire.
     "TOKEN_TTL_SECONDS": None,
+    # Seconds a client may go without sending body bytes before the upload is abandoned (408).
+    "BODY_READ_TIMEOUT": 60.0,
     # Size of the chunks read from the request and written to the spool.
     "CHUNK_SIZE": 1024 * 1024,
 }

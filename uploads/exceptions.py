@@ -40,6 +40,12 @@ class IncompleteBody(APIException):
     default_code = "incomplete_body"
 
 
+class BodyTimeout(APIException):
+    status_code = status.HTTP_408_REQUEST_TIMEOUT
+    default_detail = _("The client stopped sending the body; nothing was kept.")
+    default_code = "body_timeout"
+
+
 class Conflict(APIException):
     status_code = status.HTTP_409_CONFLICT
     default_code = "conflict"

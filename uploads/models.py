@@ -257,3 +257,24 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.username or '-'} {self.action} {self.outcome}"
+
+
+class WorkerHeartbeat(models.Model):
+    """One row per running `run_push_workers` process, refreshed by its heartbeat thread."""
+
+    worker_id = models.CharField(_("worker"), max_length=200, primary_key=True)
+    hostname = models.CharField(_("host"), max_length=255)
+    pid = models.PositiveIntegerField(_("process id"))
+    threads = models.PositiveIntegerField(_("threads"))
+    started_at = models.DateTimeField(_("started at"), default=timezone.now)
+    last_seen_at = models.DateTimeField(_("last seen at"), default=timezone.now)
+    in_flight = models.PositiveIntegerField(_("pushes in flight"), default=0)
+    processed = models.PositiveBigIntegerField(_("pushes done"), default=0)
+
+    class Meta:
+        verbose_name = _("worker heartbeat")
+        verbose_name_plural = _("worker heartbeats")
+        ordering = ["-last_seen_at"]
+
+    def __str__(self) -> str:
+        return self.worker_id

@@ -7,7 +7,7 @@ from typing import Any, TypedDict
 
 from django.db.models import Count, Min, Q, QuerySet
 
-from uploads.models import Grant, Status, UploadTask
+from uploads.models import Grant, Status, UploadTask, WorkerHeartbeat
 
 
 def visible_tasks(*, user: Any) -> QuerySet[UploadTask]:
@@ -129,3 +129,7 @@ def task_permission(task: UploadTask) -> UploadPermission:
         path=task.path,
         size=task.size,
     )
+
+
+def worker_heartbeats() -> QuerySet[WorkerHeartbeat]:
+    return WorkerHeartbeat.objects.all()

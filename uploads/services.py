@@ -7,7 +7,9 @@ count decides, so two workers can never both own or both finish a task.
 
 import json
 import logging
+import os
 import random
+import socket
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -29,6 +31,7 @@ from uploads.models import (
     Status,
     UploadAttempt,
     UploadTask,
+    WorkerHeartbeat,
 )
 from uploads.selectors import task_permission
 
@@ -383,6 +386,25 @@ def reap_expired_leases() -> int:
     if reaped:
         logger.warning("requeued %d task(s) whose worker lease expired", reaped)
     return reaped
+
+
+def worker_beat(*, worker_id: str, threads: int, in_flight: int, processed: int) -> None:
+    now = timezone.now()
+    WorkerHeartbeat.objects.update_or_create(
+        worker_id=worker_id,
+        defaults={"last_seen_at": now, "in_flight": in_flight, "processed": processed},
+        create_defaults={
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "threads": threads,
+            "started_at": now,
+            "last_seen_at": now,
+        },
+    )
+
+
+def worker_gone(*, worker_id: str) -> None:
+    WorkerHeartbeat.objects.filter(worker_id=worker_id).delete()
 
 
 # --- housekeeping --------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any
 
 from django.db import close_old_connections, connection, connections
 
-from uploads import selectors, services
+from uploads import metrics, selectors, services
 from uploads.conf import uploads_settings
 from uploads.pushers import Pusher, PushError, PushRequest, build_pusher
 from uploads.spool import spool_path
@@ -118,6 +118,7 @@ class Worker:
             return self._drain(pool)
         finally:
             self._stopping.set()
+            self._guarded(lambda: services.worker_gone(worker_id=self.worker_id))
             connection.close()
 
     def _report_target(self) -> None:
@@ -228,6 +229,9 @@ class Worker:
         finally:
             close_old_connections()
         self.processed += 1
+        duration = time.monotonic() - started
+        metrics.PUSH_ATTEMPTS.labels(outcome=outcome or "claim-lost").inc()
+        metrics.PUSH_DURATION.labels(outcome=outcome or "claim-lost").observe(duration)
         logger.info(
             "task=%s instance=%s/%s path=%s attempt=%d/%d outcome=%s duration=%.3fs%s",
             task.pk,
@@ -237,28 +241,36 @@ class Worker:
             task.attempts,
             task.max_attempts,
             outcome or "claim-lost",
-            time.monotonic() - started,
+            duration,
             f" error={error!r}" if error else "",
+            extra={"task_id": str(task.pk), "outcome": outcome, "duration": duration},
         )
 
     # --- background threads -------------------------------------------------------------
 
     def _heartbeat_loop(self) -> None:
-        interval = max(uploads_settings.LEASE_SECONDS / 3, 0.05)
-        while not self._force.wait(interval):
+        """Renew the leases of what is in flight and say this worker is alive."""
+        interval = max(min(uploads_settings.LEASE_SECONDS / 3, 10.0), 0.05)
+        while not self._force.is_set():
             with self._lock:
                 tokens = list({c.token for c in self._in_flight.values()})
-            if not tokens:
-                if self._stopping.is_set():
-                    return
-                continue
+            if self._stopping.is_set() and not tokens:
+                return
             try:
-                services.renew_leases(tokens=tokens)
+                if tokens:
+                    services.renew_leases(tokens=tokens)
+                services.worker_beat(
+                    worker_id=self.worker_id,
+                    threads=self.threads,
+                    in_flight=len(tokens),
+                    processed=self.processed,
+                )
             except Exception:
-                logger.exception("could not renew leases")
+                logger.exception("heartbeat failed; will try again")
             finally:
-                # Renewals are rare: holding a connection between them is not worth it.
+                # Beats are seconds apart: holding a connection between them is not worth it.
                 connection.close()
+            self._force.wait(interval)
 
     def _listen_loop(self) -> None:
         import psycopg

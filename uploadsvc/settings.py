@@ -152,6 +152,7 @@ UPLOADS = {
     "RETRY_MAX_SECONDS": env.float("UPLOADS_RETRY_MAX_SECONDS", default=600.0),
     "LEASE_SECONDS": env.float("UPLOADS_LEASE_SECONDS", default=60.0),
     "TOKEN_TTL_SECONDS": env.int("UPLOADS_TOKEN_TTL_SECONDS", default=None),
+    "BODY_READ_TIMEOUT": env.float("UPLOADS_BODY_READ_TIMEOUT", default=60.0),
 }
 
 # Behind HTTPS (set DJANGO_HTTPS=true in production): secure cookies, redirects and HSTS.
@@ -169,13 +170,20 @@ if env.bool("DJANGO_HTTPS", default=False):
 SILENCED_SYSTEM_CHECKS = ["security.W021"]
 
 LOG_LEVEL = env.str("DJANGO_LOG_LEVEL", default="INFO")
+# "plain" (default) or "json": one JSON object per line, with task_id and other extras as keys.
+LOG_FORMAT = env.str("DJANGO_LOG_FORMAT", default="plain")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(threadName)s %(message)s"},
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s %(threadName)s %(message)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+        },
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT}},
     "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
         "uploads": {"level": LOG_LEVEL, "handlers": ["console"], "propagate": False},
