@@ -131,6 +131,8 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Upload files over HTTP; workers deliver them into Incus instances.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # The schema and docs describe the API, they grant nothing: clients may read them unauthenticated.
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
 }
