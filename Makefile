@@ -8,7 +8,7 @@ SECRET := var/secret-key
 # A local secret key, made once, so the service runs with DEBUG off without setup.
 export DJANGO_SECRET_KEY ?= $(shell mkdir -p var && { test -s $(SECRET) || $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(50))' > $(SECRET); } && cat $(SECRET))
 
-.PHONY: run test lint format incus bench clean
+.PHONY: run test faults lint format incus bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,12 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy uploads uploadsvc
 	$(BIN)/python manage.py makemigrations --check --dry-run
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not faults" $(PYTEST_ARGS)
+
+# Fault injection: stops incusd, restarts PostgreSQL (with a PostgreSQL DATABASE_URL), fills a
+# tmpfs spool. Needs root and the local Incus; .ci/run runs it on PostgreSQL.
+faults: $(STAMP)
+	$(BIN)/pytest -m faults $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

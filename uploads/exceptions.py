@@ -1,8 +1,16 @@
 """HTTP errors of the upload API, each rendered by DRF as a JSON body with a `detail`."""
 
+import logging
+from typing import Any
+
+from django.db import InterfaceError, OperationalError
 from django.utils.translation import gettext_lazy as _
 from rest_framework import status
 from rest_framework.exceptions import APIException
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+
+logger = logging.getLogger(__name__)
 
 
 class LengthRequired(APIException):
@@ -54,3 +62,16 @@ class Conflict(APIException):
 class Gone(APIException):
     status_code = status.HTTP_410_GONE
     default_code = "gone"
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    """DRF's handler, plus: a database that is down or restarting is a 503 to retry, not a 500."""
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        logger.warning("database unavailable: %s", exc)
+        response = Response(
+            {"detail": "The service's database is unavailable; try again shortly."},
+            status=status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": "5"},
+        )
+        return response
+    return drf_exception_handler(exc, context)

@@ -118,6 +118,7 @@ REST_FRAMEWORK: dict[str, Any] = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "uploads.exceptions.exception_handler",
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
     # Per-user request rate, e.g. "600/min"; off unless set. Counts live in the cache (per
@@ -131,7 +132,7 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Upload files over HTTP; workers deliver them into Incus instances.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
-    # The schema and docs describe the API, they grant nothing: clients may read them unauthenticated.
+    # The schema and docs describe the API and grant nothing: readable without credentials.
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",

@@ -1,0 +1,491 @@
+"""The operators' admin: watch the queue, read a task's history, retry or cancel uploads.
+
+Uploads arrive only through the API and every state change belongs to the worker or to the
+services, so the change page is read-only: operators act through the "Retry" button and the
+changelist actions, which call the same services as the API's retry and cancel.
+"""
+
+import re
+import uuid
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from django.contrib import admin, messages
+from django.contrib.admin.utils import flatten_fieldsets, unquote
+from django.contrib.auth import get_permission_codename
+from django.core.exceptions import PermissionDenied
+from django.db import router, transaction
+from django.db.models import Q, QuerySet
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed
+from django.http.response import HttpResponseRedirect
+from django.template.defaultfilters import filesizeformat
+from django.urls import URLPattern, path, reverse
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+from django.utils.text import Truncator
+from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
+
+from uploads import selectors, services, spool
+from uploads.models import Status, UploadAttempt, UploadTask
+
+if TYPE_CHECKING:
+    TaskAdminBase = admin.ModelAdmin[UploadTask]
+    AttemptAdminBase = admin.ModelAdmin[UploadAttempt]
+    AttemptInlineBase = admin.TabularInline[UploadAttempt, UploadTask]
+else:
+    # Django's admin classes are not subscriptable at run time (django-stubs-ext not patched in).
+    TaskAdminBase = admin.ModelAdmin
+    AttemptAdminBase = admin.ModelAdmin
+    AttemptInlineBase = admin.TabularInline
+
+ERROR_PREVIEW_CHARS = 80
+# What the admin's own history (LogEntry, the change page's "History") says an operator did.
+LOG_RETRIED = "Retried from the admin."
+LOG_CANCELLED = "Cancelled from the admin."
+RETRYABLE = (Status.FAILED, Status.CANCELLED)
+# A partial id must have this many hex digits; fewer would match a large share of all tasks.
+MIN_ID_PREFIX = 4
+HEX_OR_HYPHEN = re.compile(r"^[0-9a-f-]+$")
+# Where the hyphens of a canonical UUID go, counted in hex digits: 8-4-4-4-12.
+UUID_GROUP_ENDS = (8, 12, 16, 20)
+
+
+def status_badge(status: str) -> SafeString:
+    """A task's status as a coloured pill; the colours live in static/uploads/admin.css."""
+    label = Status(status).label if status in Status.values else status
+    return format_html('<span class="upload-status upload-status-{}">{}</span>', status, label)
+
+
+def _id_lookup(term: str) -> Q | None:
+    """The filter that matches a search term against task ids, or None when it is not an id.
+
+    A full UUID (any spelling uuid.UUID accepts) matches exactly. A hex prefix of at least
+    MIN_ID_PREFIX digits, as the changelist's short id shows it, matches the ids that start
+    with it: it is re-hyphenated canonically because PostgreSQL compares the text form
+    ("1a2b3c4d-…") while SQLite, storing 32 bare hex digits, drops the hyphens from the pattern.
+    """
+    term = term.strip().lower()
+    try:
+        return Q(pk=uuid.UUID(term))
+    except ValueError:
+        pass
+    if not HEX_OR_HYPHEN.match(term):
+        return None
+    digits = term.replace("-", "")
+    if not MIN_ID_PREFIX <= len(digits) < 32:
+        return None
+    bounds = (0, *UUID_GROUP_ENDS, 32)
+    groups = (digits[start:end] for start, end in zip(bounds, bounds[1:], strict=False))
+    prefix = "-".join(group for group in groups if group)
+    return Q(pk__istartswith=prefix)
+
+
+def _duration(attempt: UploadAttempt, empty: str) -> str:
+    # `empty` because a read-only field on a change page prints None as "None", unlike a
+    # changelist cell, which shows the admin's empty value.
+    seconds = attempt.duration
+    return empty if seconds is None else f"{seconds:.1f} s"
+
+
+def _remove_spool_files_on_commit(names: list[str], using: str) -> None:
+    # After the commit: a rolled-back delete must leave the task's file where it was.
+    for name in names:
+        transaction.on_commit(partial(spool.remove, name), using=using)
+
+
+class UploadAttemptInline(AttemptInlineBase):
+    model = UploadAttempt
+    fields = ("number", "worker_id", "started_at", "duration_display", "outcome", "error")
+    readonly_fields = fields
+    extra = 0
+    max_num = 0
+    can_delete = False
+    show_change_link = False
+    ordering = ("number",)
+
+    @admin.display(description=_("duration"))
+    def duration_display(self, attempt: UploadAttempt) -> str:
+        return _duration(attempt, self.get_empty_value_display())
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # The attempts are the task's history: whoever may see the task sees them, without a
+        # separate permission on UploadAttempt.
+        opts = UploadTask._meta
+        return any(
+            request.user.has_perm(f"{opts.app_label}.{get_permission_codename(action, opts)}")
+            for action in ("view", "change")
+        )
+
+
+@admin.register(UploadTask)
+class UploadTaskAdmin(TaskAdminBase):
+    list_display = (
+        "short_id",
+        "instance_display",
+        "path",
+        "filename",
+        "size_display",
+        "status_display",
+        "attempts_display",
+        "last_error_display",
+        "owner",
+        "created_at",
+        "finished_at",
+    )
+    list_display_links = ("short_id",)
+    list_filter = (
+        "status",
+        "instance",
+        "project",
+        "remote",
+        ("owner", admin.RelatedOnlyFieldListFilter),
+        "created_at",
+    )
+    list_select_related = ("owner",)
+    search_fields = ("instance", "path", "filename", "last_error")
+    search_help_text = _(
+        "Instance, path, file name or error text; or a task id, whole or its first characters."
+    )
+    date_hierarchy = "created_at"
+    ordering = ("-created_at",)
+    list_per_page = 50
+    actions = ("retry_selected", "cancel_selected")
+    inlines = (UploadAttemptInline,)
+    fieldsets = (
+        (
+            _("Upload"),
+            {
+                "fields": (
+                    "id",
+                    "owner",
+                    ("remote", "project", "instance"),
+                    "path",
+                    "filename",
+                    "size_display",
+                    "sha256",
+                    ("mode_display", "uid", "gid"),
+                    "create_dirs",
+                    ("spool_name", "spool_file_display"),
+                    "api_link",
+                )
+            },
+        ),
+        (
+            _("Delivery"),
+            {
+                "fields": (
+                    "status_display",
+                    ("attempts", "max_attempts"),
+                    "next_attempt_at",
+                    "last_error",
+                    "worker_id",
+                    ("claim_token", "lease_expires_at"),
+                )
+            },
+        ),
+        (_("Times"), {"fields": (("created_at", "started_at", "finished_at"),)}),
+    )
+
+    class Media:
+        css = {"all": ("uploads/admin.css",)}
+
+    # --- columns and read-only fields ------------------------------------------------------
+
+    @admin.display(description=_("id"), ordering="id")
+    def short_id(self, task: UploadTask) -> str:
+        return str(task.pk)[:8]
+
+    @admin.display(description=_("instance"), ordering="instance")
+    def instance_display(self, task: UploadTask) -> str:
+        """web1, staging/web1, or with another remote than local: prod:staging/web1."""
+        target = task.instance if task.project == "default" else f"{task.project}/{task.instance}"
+        return target if task.remote == "local" else f"{task.remote}:{target}"
+
+    @admin.display(description=_("size"), ordering="size")
+    def size_display(self, task: UploadTask) -> str:
+        return str(filesizeformat(task.size))
+
+    @admin.display(description=_("status"), ordering="status")
+    def status_display(self, task: UploadTask) -> SafeString:
+        return status_badge(task.status)
+
+    @admin.display(description=_("attempts"), ordering="attempts")
+    def attempts_display(self, task: UploadTask) -> str:
+        return f"{task.attempts} / {task.max_attempts}"
+
+    @admin.display(description=_("last error"))
+    def last_error_display(self, task: UploadTask) -> SafeString | None:
+        if not task.last_error:
+            return None
+        short = Truncator(task.last_error).chars(ERROR_PREVIEW_CHARS)
+        return format_html('<span title="{}">{}</span>', task.last_error, short)
+
+    @admin.display(description=_("mode"))
+    def mode_display(self, task: UploadTask) -> str:
+        return self.get_empty_value_display() if task.mode is None else f"{task.mode:04o}"
+
+    @admin.display(description=_("spool file on disk"))
+    def spool_file_display(self, task: UploadTask) -> str:
+        if spool.exists(task.spool_name):
+            return str(_("yes"))
+        if task.status in RETRYABLE:
+            return str(_("no: the file is gone, so this upload cannot be retried"))
+        return str(_("no"))
+
+    @admin.display(description=_("API"))
+    def api_link(self, task: UploadTask) -> SafeString:
+        url = reverse("upload-detail", args=[task.pk])
+        return format_html('<a href="{}">{}</a>', url, url)
+
+    def get_readonly_fields(self, request: HttpRequest, obj: UploadTask | None = None) -> Any:
+        # Everything: the worker owns the state, and the target of an accepted upload is fixed.
+        return flatten_fieldsets(self.fieldsets or ())
+
+    # --- permissions -------------------------------------------------------------------------
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # uploads come through the API, with their file
+
+    def has_delete_permission(self, request: HttpRequest, obj: UploadTask | None = None) -> bool:
+        return bool(request.user.is_superuser) and super().has_delete_permission(request, obj)
+
+    # --- search ------------------------------------------------------------------------------
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[UploadTask], search_term: str
+    ) -> tuple[QuerySet[UploadTask], bool]:
+        results, may_have_duplicates = super().get_search_results(request, queryset, search_term)
+        id_lookup = _id_lookup(search_term)
+        if id_lookup is not None:
+            # From the same queryset, so the active list filters still apply.
+            results = results | queryset.filter(id_lookup)
+        return results, may_have_duplicates
+
+    # --- views -------------------------------------------------------------------------------
+
+    def get_urls(self) -> list[URLPattern]:
+        opts = self.opts
+        retry = path(
+            "<path:object_id>/retry/",
+            self.admin_site.admin_view(self.retry_view),
+            name=f"{opts.app_label}_{opts.model_name}_retry",
+        )
+        # Before the defaults: their "<path:object_id>/" catch-all would take ".../retry/".
+        return [retry, *super().get_urls()]
+
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        context = dict(extra_context or {})
+        if request.method == "GET":
+            summary = selectors.queue_summary()
+            context["queue_summary"] = summary
+            context["queue_counts"] = [
+                (value, label, summary["counts"][value]) for value, label in Status.choices
+            ]
+        return super().changelist_view(request, extra_context=context)
+
+    def changeform_view(
+        self,
+        request: HttpRequest,
+        object_id: str | None = None,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        if request.method == "POST":
+            # There is nothing to edit, and a save would rewrite every column from a copy read
+            # moments earlier, racing the worker's conditional updates.
+            return HttpResponseNotAllowed(["GET", "HEAD"])
+        context = {
+            **(extra_context or {}),
+            "show_save": False,
+            "show_save_and_continue": False,
+            "show_save_and_add_another": False,
+        }
+        return super().changeform_view(request, object_id, form_url, context)
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict[str, Any],
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: UploadTask | None = None,
+    ) -> HttpResponse:
+        if (
+            obj is not None
+            and obj.status in RETRYABLE
+            and spool.exists(obj.spool_name)
+            and self.has_change_permission(request, obj)
+        ):
+            context["retry_url"] = self._url("retry", obj.pk)
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def _url(self, view: str, pk: Any) -> str:
+        return reverse(
+            f"admin:{self.opts.app_label}_{self.opts.model_name}_{view}",
+            args=[pk],
+            current_app=self.admin_site.name,
+        )
+
+    def retry_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """POST only (the admin's CSRF check applies): retry one task, then back to its page."""
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        task = self.get_object(request, unquote(object_id))
+        if task is None:
+            raise Http404(_("No upload with this id."))
+        if not self.has_change_permission(request, task):
+            raise PermissionDenied
+        try:
+            services.upload_retry(task=task)
+        except (services.TaskStateError, services.SpoolFileMissing, services.NotGranted) as exc:
+            self.message_user(request, _("Not retried: %s") % exc, messages.ERROR)
+        else:
+            self.log_change(request, task, LOG_RETRIED)
+            self.message_user(request, _("The upload is queued again."), messages.SUCCESS)
+        return HttpResponseRedirect(self._url("change", task.pk))
+
+    # --- actions -----------------------------------------------------------------------------
+
+    @admin.action(permissions=["change"], description=_("Retry selected uploads"))
+    def retry_selected(self, request: HttpRequest, queryset: QuerySet[UploadTask]) -> None:
+        retried = skipped = missing = not_granted = 0
+        for task in queryset:
+            try:
+                services.upload_retry(task=task)
+            except services.TaskStateError:
+                skipped += 1
+            except services.SpoolFileMissing:
+                missing += 1
+            except services.NotGranted:
+                not_granted += 1
+            else:
+                self.log_change(request, task, LOG_RETRIED)
+                retried += 1
+        parts = [ngettext("Retried %d upload", "Retried %d uploads", retried) % retried]
+        if skipped:
+            parts.append(
+                ngettext(
+                    "skipped %d that was not failed or cancelled",
+                    "skipped %d that were not failed or cancelled",
+                    skipped,
+                )
+                % skipped
+            )
+        if missing:
+            parts.append(
+                ngettext(
+                    "%d could not be retried because its file is gone (upload it again)",
+                    "%d could not be retried because their files are gone (upload them again)",
+                    missing,
+                )
+                % missing
+            )
+        if not_granted:
+            parts.append(
+                ngettext(
+                    "%d was refused because its owner may no longer write there",
+                    "%d were refused because their owners may no longer write there",
+                    not_granted,
+                )
+                % not_granted
+            )
+        self._report(request, parts, done=retried, problems=skipped + missing + not_granted)
+
+    @admin.action(permissions=["change"], description=_("Cancel selected uploads"))
+    def cancel_selected(self, request: HttpRequest, queryset: QuerySet[UploadTask]) -> None:
+        cancelled = skipped = 0
+        for task in queryset:
+            try:
+                services.upload_cancel(task=task)
+            except services.TaskStateError:
+                skipped += 1
+            else:
+                self.log_change(request, task, LOG_CANCELLED)
+                cancelled += 1
+        parts = [ngettext("Cancelled %d upload", "Cancelled %d uploads", cancelled) % cancelled]
+        if skipped:
+            parts.append(
+                ngettext(
+                    "skipped %d that was not pending", "skipped %d that were not pending", skipped
+                )
+                % skipped
+            )
+        self._report(request, parts, done=cancelled, problems=skipped)
+
+    def _report(self, request: HttpRequest, parts: list[str], *, done: int, problems: int) -> None:
+        if not problems:
+            level = messages.SUCCESS
+        elif done:
+            level = messages.WARNING
+        else:
+            level = messages.ERROR
+        self.message_user(request, "; ".join(parts) + ".", level)
+
+    # --- deletion (superusers only) ----------------------------------------------------------
+
+    def delete_model(self, request: HttpRequest, obj: UploadTask) -> None:
+        using = router.db_for_write(UploadTask)
+        super().delete_model(request, obj)
+        _remove_spool_files_on_commit([obj.spool_name], using)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[UploadTask]) -> None:
+        names = list(queryset.values_list("spool_name", flat=True))
+        super().delete_queryset(request, queryset)
+        _remove_spool_files_on_commit(names, queryset.db)
+
+
+@admin.register(UploadAttempt)
+class UploadAttemptAdmin(AttemptAdminBase):
+    """Every push across all tasks, read-only: "which worker keeps losing its lease?" """
+
+    list_display = (
+        "task_link",
+        "number",
+        "worker_id",
+        "started_at",
+        "duration_display",
+        "outcome",
+        "error_display",
+    )
+    # Not by worker: its ids name a host and a process, so they pile up with every restart.
+    list_filter = ("outcome", "started_at")
+    search_fields = ("worker_id", "error")
+    list_select_related = ("task",)
+    date_hierarchy = "started_at"
+    ordering = ("-started_at",)
+
+    @admin.display(description=_("upload"), ordering="task")
+    def task_link(self, attempt: UploadAttempt) -> SafeString:
+        url = reverse("admin:uploads_uploadtask_change", args=[attempt.task_id])
+        task = attempt.task
+        return format_html('<a href="{}">{} {}</a>', url, str(task.pk)[:8], task.instance)
+
+    @admin.display(description=_("duration"))
+    def duration_display(self, attempt: UploadAttempt) -> str:
+        return _duration(attempt, self.get_empty_value_display())
+
+    @admin.display(description=_("error"))
+    def error_display(self, attempt: UploadAttempt) -> str:
+        return Truncator(attempt.error).chars(ERROR_PREVIEW_CHARS)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: UploadAttempt | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: UploadAttempt | None = None) -> bool:
+        return False
