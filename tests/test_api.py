@@ -365,3 +365,44 @@ class TestSchema:
         docs = api.get("/api/docs/")
         assert docs.status_code == 200
         assert b"cdn.jsdelivr" not in docs.content  # assets are served locally
+
+
+class TestDigests:
+    BODY = b"integrity matters\n"
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.BODY).hexdigest()
+
+    def test_matching_digests_are_accepted(self, api: APIClient) -> None:
+        import base64
+
+        b64 = base64.b64encode(bytes.fromhex(self.digest())).decode()
+        assert (
+            raw_upload(api, self.BODY, repr_digest=f"sha-512=:AAAA:, sha-256=:{b64}:").status_code
+            == 202
+        )
+        assert raw_upload(api, self.BODY, x_content_sha256=self.digest().upper()).status_code == 202
+        assert form_upload(api, self.BODY, sha256=self.digest()).status_code == 202
+
+    @pytest.mark.parametrize(
+        "headers",
+        [
+            {"x_content_sha256": "0" * 64},
+            {"repr_digest": "sha-256=:" + "A" * 43 + "=:"},
+            {"repr_digest": "sha-256=abc"},
+            {"x_content_sha256": "xyz"},
+        ],
+    )
+    def test_wrong_or_malformed_digest_is_400_and_nothing_queued(
+        self, api: APIClient, spool: Path, headers: dict[str, str]
+    ) -> None:
+        response = raw_upload(api, self.BODY, **headers)
+        assert response.status_code == 400
+        assert {"sha256", "Repr-Digest"} & set(response.json())
+        assert_nothing_queued(spool)
+
+    def test_wrong_multipart_digest_is_400(self, api: APIClient, spool: Path) -> None:
+        response = form_upload(api, self.BODY, sha256="f" * 64)
+        assert response.status_code == 400
+        assert "as announced" in response.json()["sha256"][0]
+        assert_nothing_queued(spool)

@@ -1,5 +1,7 @@
 """The upload API: thin views that parse a request, call a service and render the task."""
 
+import base64
+import binascii
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
@@ -55,7 +57,17 @@ RAW_HEADERS = {
     "HTTP_X_INCUS_PROJECT": "project",
     "HTTP_X_INCUS_REMOTE": "remote",
 }
-FORM_FIELDS = ("container", "path", "mode", "uid", "gid", "create_dirs", "project", "remote")
+FORM_FIELDS = (
+    "container",
+    "path",
+    "mode",
+    "uid",
+    "gid",
+    "create_dirs",
+    "project",
+    "remote",
+    "sha256",
+)
 
 RAW_UPLOAD_PARAMETERS = [
     OpenApiParameter("X-Container-Name", str, OpenApiParameter.HEADER, description="Instance name"),
@@ -84,6 +96,24 @@ RAW_UPLOAD_PARAMETERS = [
         str,
         OpenApiParameter.HEADER,
         description="Incus project (default 'default')",
+    ),
+    OpenApiParameter(
+        "X-Incus-Remote",
+        str,
+        OpenApiParameter.HEADER,
+        description="A configured Incus remote (default 'local')",
+    ),
+    OpenApiParameter(
+        "Repr-Digest",
+        str,
+        OpenApiParameter.HEADER,
+        description="RFC 9530 digest, e.g. sha-256=:<base64>: (a mismatch is refused)",
+    ),
+    OpenApiParameter(
+        "X-Content-SHA256",
+        str,
+        OpenApiParameter.HEADER,
+        description="Hex SHA-256 of the body (a mismatch is refused)",
     ),
 ]
 
@@ -139,6 +169,46 @@ def _validated(data: dict[str, Any]) -> dict[str, Any]:
     params = UploadParamsSerializer(data={k: v for k, v in data.items() if v is not None})
     params.is_valid(raise_exception=True)
     return dict(params.validated_data)
+
+
+def _expected_sha256(request: Request) -> str | None:
+    """The digest a client announced: RFC 9530 `Repr-Digest: sha-256=:<base64>:` or
+    `X-Content-SHA256: <hex>`. Other algorithms in Repr-Digest are ignored, as the RFC allows."""
+    hex_digest = request.META.get("HTTP_X_CONTENT_SHA256")
+    repr_digest = request.META.get("HTTP_REPR_DIGEST")
+    if repr_digest:
+        for member in repr_digest.split(","):
+            algorithm, _, value = member.strip().partition("=")
+            if algorithm.strip().lower() != "sha-256":
+                continue
+            value = value.strip()
+            try:
+                if not (value.startswith(":") and value.endswith(":")):
+                    raise ValueError
+                raw = base64.b64decode(value[1:-1], validate=True)
+            except (ValueError, binascii.Error):
+                raise ValidationError(
+                    {"Repr-Digest": ["sha-256 must be a byte sequence, e.g. sha-256=:<base64>:"]}
+                ) from None
+            from_repr = raw.hex()
+            if hex_digest and hex_digest.strip().lower() != from_repr:
+                raise ValidationError({"sha256": ["Repr-Digest and X-Content-SHA256 disagree."]})
+            return from_repr
+    return hex_digest
+
+
+def _verify_digest(params: dict[str, Any], spooled: spool.SpooledFile) -> None:
+    expected = params.pop("sha256", None)
+    if expected and expected != spooled.sha256:
+        spool.remove(spooled.name)
+        raise ValidationError(
+            {
+                "sha256": [
+                    f"The body's SHA-256 is {spooled.sha256}, not {expected} as announced; "
+                    "nothing was queued."
+                ]
+            }
+        )
 
 
 def _check_granted(request: Request, params: dict[str, Any], size: int | None) -> None:
@@ -285,7 +355,8 @@ class UploadViewSet(
         return Response(body, status=status.HTTP_202_ACCEPTED, headers={"Location": location})
 
     def _receive_raw(self, request: Request) -> tuple[dict[str, Any], spool.SpooledFile]:
-        params = _validated({name: request.META.get(h) for h, name in RAW_HEADERS.items()})
+        raw = {name: request.META.get(h) for h, name in RAW_HEADERS.items()}
+        params = _validated({**raw, "sha256": _expected_sha256(request)})
         _check_granted(request, params, _content_length(request))
         length = _check_capacity(request)
         environ = request._request.META
@@ -318,6 +389,7 @@ class UploadViewSet(
             except APIException:
                 spool.remove(spooled.name)
                 raise
+        _verify_digest(params, spooled)
         return params, spooled
 
     def _receive_multipart(self, request: Request) -> tuple[dict[str, Any], spool.SpooledFile]:
@@ -354,6 +426,7 @@ class UploadViewSet(
             params = _validated(data)
             # Multipart fields arrive in the body, so this check can only run after it.
             _check_granted(request, params, upload.spooled.size)
+            _verify_digest(params, upload.spooled)
             kept = upload.spooled.name
             return params, upload.spooled
         finally:

@@ -57,6 +57,13 @@ class UploadParamsSerializer(serializers.Serializer[dict[str, Any]]):
         required=False, allow_null=True, default=None, min_value=0, max_value=MAX_ID
     )
     create_dirs = serializers.BooleanField(required=False, default=False)
+    sha256 = serializers.RegexField(
+        r"^[0-9a-fA-F]{64}$",
+        required=False,
+        allow_null=True,
+        default=None,
+        error_messages={"invalid": _("A SHA-256 is 64 hexadecimal digits.")},
+    )
 
     def validate_container(self, value: str) -> str:
         if not INSTANCE_NAME.match(value):
@@ -75,6 +82,9 @@ class UploadParamsSerializer(serializers.Serializer[dict[str, Any]]):
                 _("'%(name)s' is not a valid Incus project name.") % {"name": value}
             )
         return value
+
+    def validate_sha256(self, value: str | None) -> str | None:
+        return value.lower() if value else None
 
     def validate_remote(self, value: str) -> str:
         remotes = uploads_settings.remotes
