@@ -208,3 +208,37 @@ def test_worker_reclaims_a_dead_workers_task_after_its_lease(
         Outcome.LOST,
         Outcome.SUCCEEDED,
     ]
+
+
+def test_worker_says_plainly_when_incus_is_unreachable(
+    settings: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings.UPLOADS = {**settings.UPLOADS, "INCUS_ENDPOINT": str(tmp_path / "missing.sock")}
+    with caplog.at_level("WARNING", logger="uploads.worker"):
+        Worker(threads=1, burst=True).run()
+    assert "push target not reachable: the Incus socket" in caplog.text
+    assert "tasks will wait and be retried" in caplog.text
+
+
+def test_postgresql_notify_wakes_an_idle_worker_at_once(
+    user: Any, spool: Path, tmp_path: Path
+) -> None:
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip(
+            "LISTEN/NOTIFY is PostgreSQL's; SQLite workers poll (CI runs this on PostgreSQL)"
+        )
+    proc = start_worker(
+        spool, tmp_path, "--poll-interval", "30", UPLOADS_PUSHER="uploads.pushers.NullPusher"
+    )
+    try:
+        time.sleep(3)  # the worker is idle, waiting out its 30 s poll
+        task = make_task(user)
+        wait_for(lambda: UploadTask.objects.get(pk=task.pk).status == Status.SUCCEEDED, timeout=5)
+        task.refresh_from_db()
+        assert task.started_at is not None
+        assert (task.started_at - task.created_at).total_seconds() < 1.0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
