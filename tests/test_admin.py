@@ -19,7 +19,7 @@ from django.utils.html import escape
 from tests.conftest import spool_files
 from tests.factories import make_task
 from uploads import services
-from uploads.models import Outcome, Status, UploadAttempt, UploadTask
+from uploads.models import AuditEvent, Outcome, Status, UploadAttempt, UploadTask
 
 pytestmark = pytest.mark.django_db
 
@@ -403,6 +403,64 @@ class TestRetryButton:
         unknown = "00000000-0000-0000-0000-000000000000"
         assert admin_client.post(f"{CHANGELIST}{unknown}/retry/").status_code == 404
         assert admin_client.post(f"{CHANGELIST}not-an-id/retry/").status_code == 404
+
+
+def audit_trail() -> list[tuple[str, str, Any, str, str | None, dict[str, Any]]]:
+    return [
+        (e.action, e.outcome, e.task_id, e.username, e.source, e.detail)
+        for e in AuditEvent.objects.order_by("at", "pk")
+    ]
+
+
+class TestAudit:
+    """Every retry and cancel an operator makes here is in the audit trail, one event a task."""
+
+    def test_retry_button(self, admin_client: Client, user: Any) -> None:
+        task = failed(user)
+        admin_client.post(retry_url(task))
+        assert audit_trail() == [
+            ("retry", "done", task.pk, "admin", "127.0.0.1", {"via": "admin"}),
+        ]
+
+    def test_refused_retry_button_says_why(self, admin_client: Client, user: Any) -> None:
+        task = make_task(user)
+        admin_client.post(retry_url(task))
+        reason = "only failed or cancelled uploads can be retried (this one is pending)"
+        assert audit_trail() == [
+            ("retry", "refused", task.pk, "admin", "127.0.0.1", {"via": "admin", "reason": reason}),
+        ]
+
+    def test_retry_action(
+        self, admin_client: Client, user: Any, spool: Path, django_user_model: Any
+    ) -> None:
+        retried = failed(user)
+        pending = make_task(user)
+        gone = failed(user)
+        (spool / gone.spool_name).unlink()
+        ungranted = failed(django_user_model.objects.create_user(username="carol"))
+        run_action(admin_client, "retry_selected", [retried, pending, gone, ungranted])
+        events = {e[2]: e for e in audit_trail()}
+        assert len(events) == 4
+        assert events[retried.pk][:2] == ("retry", "done")
+        for task in (pending, gone, ungranted):
+            action, outcome, _, username, source, detail = events[task.pk]
+            assert (action, outcome, username, source) == ("retry", "refused", "admin", "127.0.0.1")
+            assert detail["via"] == "admin"
+        assert "file is no longer on the server" in events[gone.pk][5]["reason"]
+        assert "no grant" in events[ungranted.pk][5]["reason"]
+
+    def test_cancel_action(self, admin_client: Client, user: Any) -> None:
+        pending = make_task(user)
+        done = set_state(make_task(user), status=Status.SUCCEEDED)
+        run_action(admin_client, "cancel_selected", [pending, done])
+        events = {e[2]: e[:2] for e in audit_trail()}
+        assert events == {pending.pk: ("cancel", "done"), done.pk: ("cancel", "refused")}
+
+    def test_nothing_is_recorded_without_permission(self, viewer: Client, user: Any) -> None:
+        task = failed(user)
+        assert viewer.post(retry_url(task)).status_code == 403
+        run_action(viewer, "cancel_selected", [make_task(user)])
+        assert audit_trail() == []
 
 
 class TestViewOnlyStaff:

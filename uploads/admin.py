@@ -1,15 +1,19 @@
-"""The operators' admin: watch the queue, read a task's history, retry or cancel uploads.
+"""The operators' admin: watch the queue, read a task's history, retry or cancel uploads;
+manage who may push where (grants); read the audit trail and the workers' heartbeats.
 
 Uploads arrive only through the API and every state change belongs to the worker or to the
 services, so the change page is read-only: operators act through the "Retry" button and the
-changelist actions, which call the same services as the API's retry and cancel.
+changelist actions, which call the same services as the API's retry and cancel. Whatever an
+operator does here (retry, cancel, grant, change or revoke a grant) leaves an audit event.
 """
 
+import json
 import re
 import uuid
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.utils import flatten_fieldsets, unquote
 from django.contrib.auth import get_permission_codename
@@ -20,24 +24,35 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllow
 from django.http.response import HttpResponseRedirect
 from django.template.defaultfilters import filesizeformat
 from django.urls import URLPattern, path, reverse
+from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.text import Truncator
+from django.utils.timesince import timesince
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from uploads import selectors, services, spool
-from uploads.models import Status, UploadAttempt, UploadTask
+from uploads.conf import uploads_settings
+from uploads.models import AuditEvent, Grant, Status, UploadAttempt, UploadTask, WorkerHeartbeat
 
 if TYPE_CHECKING:
     TaskAdminBase = admin.ModelAdmin[UploadTask]
     AttemptAdminBase = admin.ModelAdmin[UploadAttempt]
     AttemptInlineBase = admin.TabularInline[UploadAttempt, UploadTask]
+    GrantAdminBase = admin.ModelAdmin[Grant]
+    GrantFormBase = forms.ModelForm[Grant]
+    AuditEventAdminBase = admin.ModelAdmin[AuditEvent]
+    HeartbeatAdminBase = admin.ModelAdmin[WorkerHeartbeat]
 else:
     # Django's admin classes are not subscriptable at run time (django-stubs-ext not patched in).
     TaskAdminBase = admin.ModelAdmin
     AttemptAdminBase = admin.ModelAdmin
     AttemptInlineBase = admin.TabularInline
+    GrantAdminBase = admin.ModelAdmin
+    GrantFormBase = forms.ModelForm
+    AuditEventAdminBase = admin.ModelAdmin
+    HeartbeatAdminBase = admin.ModelAdmin
 
 ERROR_PREVIEW_CHARS = 80
 # What the admin's own history (LogEntry, the change page's "History") says an operator did.
@@ -49,6 +64,9 @@ MIN_ID_PREFIX = 4
 HEX_OR_HYPHEN = re.compile(r"^[0-9a-f-]+$")
 # Where the hyphens of a canonical UUID go, counted in hex digits: 8-4-4-4-12.
 UUID_GROUP_ENDS = (8, 12, 16, 20)
+DETAIL_PREVIEW_CHARS = 100
+# Up to this age a heartbeat reads "42 seconds ago"; older ones "3 hours, 5 minutes ago".
+SECONDS_SHOWN_UP_TO = 120
 
 
 def status_badge(status: str) -> SafeString:
@@ -57,8 +75,9 @@ def status_badge(status: str) -> SafeString:
     return format_html('<span class="upload-status upload-status-{}">{}</span>', status, label)
 
 
-def _id_lookup(term: str) -> Q | None:
-    """The filter that matches a search term against task ids, or None when it is not an id.
+def _id_lookup(term: str, field: str = "pk") -> Q | None:
+    """The filter that matches a search term against task ids in `field` (a UUIDField), or None
+    when it is not an id.
 
     A full UUID (any spelling uuid.UUID accepts) matches exactly. A hex prefix of at least
     MIN_ID_PREFIX digits, as the changelist's short id shows it, matches the ids that start
@@ -67,7 +86,7 @@ def _id_lookup(term: str) -> Q | None:
     """
     term = term.strip().lower()
     try:
-        return Q(pk=uuid.UUID(term))
+        return Q(**{field: uuid.UUID(term)})
     except ValueError:
         pass
     if not HEX_OR_HYPHEN.match(term):
@@ -78,7 +97,30 @@ def _id_lookup(term: str) -> Q | None:
     bounds = (0, *UUID_GROUP_ENDS, 32)
     groups = (digits[start:end] for start, end in zip(bounds, bounds[1:], strict=False))
     prefix = "-".join(group for group in groups if group)
-    return Q(pk__istartswith=prefix)
+    return Q(**{f"{field}__istartswith": prefix})
+
+
+def _source(request: HttpRequest) -> str | None:
+    # As the API records it; None rather than "" (not a valid inet on PostgreSQL).
+    address: str | None = request.META.get("REMOTE_ADDR") or None
+    return address
+
+
+def _audit_task(
+    request: HttpRequest, *, action: str, task: UploadTask, refused: Exception | None = None
+) -> None:
+    """One audit event per task an operator retried or cancelled here, as the API writes it."""
+    detail: dict[str, Any] = {"via": "admin"}
+    if refused is not None:
+        detail["reason"] = str(refused)
+    services.audit(
+        action=action,
+        outcome="refused" if refused is not None else "done",
+        user=request.user,
+        source=_source(request),
+        task_id=task.pk,
+        **detail,
+    )
 
 
 def _duration(attempt: UploadAttempt, empty: str) -> str:
@@ -351,8 +393,10 @@ class UploadTaskAdmin(TaskAdminBase):
         try:
             services.upload_retry(task=task)
         except (services.TaskStateError, services.SpoolFileMissing, services.NotGranted) as exc:
+            _audit_task(request, action="retry", task=task, refused=exc)
             self.message_user(request, _("Not retried: %s") % exc, messages.ERROR)
         else:
+            _audit_task(request, action="retry", task=task)
             self.log_change(request, task, LOG_RETRIED)
             self.message_user(request, _("The upload is queued again."), messages.SUCCESS)
         return HttpResponseRedirect(self._url("change", task.pk))
@@ -365,13 +409,17 @@ class UploadTaskAdmin(TaskAdminBase):
         for task in queryset:
             try:
                 services.upload_retry(task=task)
-            except services.TaskStateError:
+            except services.TaskStateError as exc:
+                _audit_task(request, action="retry", task=task, refused=exc)
                 skipped += 1
-            except services.SpoolFileMissing:
+            except services.SpoolFileMissing as exc:
+                _audit_task(request, action="retry", task=task, refused=exc)
                 missing += 1
-            except services.NotGranted:
+            except services.NotGranted as exc:
+                _audit_task(request, action="retry", task=task, refused=exc)
                 not_granted += 1
             else:
+                _audit_task(request, action="retry", task=task)
                 self.log_change(request, task, LOG_RETRIED)
                 retried += 1
         parts = [ngettext("Retried %d upload", "Retried %d uploads", retried) % retried]
@@ -410,9 +458,11 @@ class UploadTaskAdmin(TaskAdminBase):
         for task in queryset:
             try:
                 services.upload_cancel(task=task)
-            except services.TaskStateError:
+            except services.TaskStateError as exc:
+                _audit_task(request, action="cancel", task=task, refused=exc)
                 skipped += 1
             else:
+                _audit_task(request, action="cancel", task=task)
                 self.log_change(request, task, LOG_CANCELLED)
                 cancelled += 1
         parts = [ngettext("Cancelled %d upload", "Cancelled %d uploads", cancelled) % cancelled]
@@ -489,3 +539,313 @@ class UploadAttemptAdmin(AttemptAdminBase):
 
     def has_delete_permission(self, request: HttpRequest, obj: UploadAttempt | None = None) -> bool:
         return False
+
+
+# --- grants ----------------------------------------------------------------------------------
+
+
+class PathPrefixesField(forms.Field):
+    """The JSON list of directories as a textarea, one absolute path a line.
+
+    Each path is normalised the way the grant check compares them (no trailing or doubled
+    slashes, no "." components); relative paths and ".." are refused rather than guessed at.
+    """
+
+    widget = forms.Textarea(attrs={"rows": 4, "cols": 60})
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, list):
+            return "\n".join(str(prefix) for prefix in value)
+        return value
+
+    def to_python(self, value: Any) -> list[str]:
+        prefixes: list[str] = []
+        errors: list[forms.ValidationError] = []
+        for line in str(value or "").splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            if "\x00" in line:
+                errors.append(
+                    forms.ValidationError(_("A path may not contain NUL characters."), code="null")
+                )
+                continue
+            if not line.startswith("/"):
+                errors.append(
+                    forms.ValidationError(
+                        _("“%(path)s” is not an absolute path: start it with /."),
+                        code="relative",
+                        params={"path": line},
+                    )
+                )
+                continue
+            parts = line.split("/")
+            if ".." in parts:
+                errors.append(
+                    forms.ValidationError(
+                        _("“%(path)s” contains “..”: name the directory itself."),
+                        code="parent",
+                        params={"path": line},
+                    )
+                )
+                continue
+            normal = "/" + "/".join(part for part in parts if part not in ("", "."))
+            if normal not in prefixes:
+                prefixes.append(normal)
+        if errors:
+            raise forms.ValidationError(errors)
+        return prefixes
+
+
+class GrantAdminForm(GrantFormBase):
+    path_prefixes = PathPrefixesField(
+        label=_("path prefixes"),
+        required=False,
+        help_text=_(
+            "One absolute directory a line, e.g. /srv/app; files may be written only under "
+            "them. Empty allows every path."
+        ),
+    )
+
+    class Meta:
+        model = Grant
+        fields = (
+            "user",
+            "group",
+            "remote",
+            "project",
+            "instance_glob",
+            "path_prefixes",
+            "max_size",
+        )
+
+    def clean(self) -> dict[str, Any]:
+        super().clean()
+        cleaned_data = self.cleaned_data
+        if "user" in self.errors or "group" in self.errors:
+            return cleaned_data
+        user, group = cleaned_data.get("user"), cleaned_data.get("group")
+        # On a field, not the whole form: a field with an error is left out of the model's
+        # constraint check, so the operator does not also read "Constraint … is violated".
+        if user is None and group is None:
+            self.add_error("user", _("Choose a user or a group."))
+        elif user is not None and group is not None:
+            self.add_error("group", _("Choose a user or a group, not both."))
+        return cleaned_data
+
+
+@admin.register(Grant)
+class GrantAdmin(GrantAdminBase):
+    """Who may push where. Every add, change and delete here is audited."""
+
+    form = GrantAdminForm
+    list_display = (
+        "who_display",
+        "remote",
+        "project",
+        "instance_glob",
+        "path_prefixes_display",
+        "max_size_display",
+        "created_at",
+    )
+    list_filter = ("remote", "project")
+    list_select_related = ("user", "group")
+    search_fields = ("user__username", "group__name", "instance_glob")
+    search_help_text = _("User name, group name or instance glob.")
+    fields = (
+        "user",
+        "group",
+        "remote",
+        "project",
+        "instance_glob",
+        "path_prefixes",
+        "max_size",
+        "created_at",
+    )
+    readonly_fields = ("created_at",)
+
+    @admin.display(description=_("who"))
+    def who_display(self, grant: Grant) -> str:
+        if grant.user_id:
+            return str(grant.user)
+        return f"@{grant.group}"
+
+    @admin.display(description=_("path prefixes"))
+    def path_prefixes_display(self, grant: Grant) -> str:
+        return ", ".join(grant.path_prefixes) or str(_("any path"))
+
+    @admin.display(description=_("maximum file size"), ordering="max_size")
+    def max_size_display(self, grant: Grant) -> str:
+        return str(_("no limit")) if grant.max_size is None else str(filesizeformat(grant.max_size))
+
+    def get_fields(self, request: HttpRequest, obj: Grant | None = None) -> Any:
+        fields = super().get_fields(request, obj)
+        # A new grant has no creation time yet (the default would show the form's load time).
+        return fields if obj is not None else [f for f in fields if f != "created_at"]
+
+    def save_model(self, request: HttpRequest, obj: Grant, form: Any, change: bool) -> None:
+        # Saved by the form rather than services.grant_create: the admin goes on with this very
+        # object (history, redirect), and the service has no way to record the source address.
+        # The change view's transaction covers the save and its audit event together.
+        if change and not form.changed_data:
+            super().save_model(request, obj, form, change)
+            return
+        previous = str(Grant.objects.get(pk=obj.pk)) if change else None
+        super().save_model(request, obj, form, change)
+        detail: dict[str, Any] = {"grant": str(obj), "grant_id": obj.pk}
+        if change:
+            detail.update(previous=previous, changed=list(form.changed_data))
+        services.audit(
+            action="grant",
+            outcome="changed" if change else "created",
+            user=request.user,
+            source=_source(request),
+            **detail,
+        )
+
+    def delete_model(self, request: HttpRequest, obj: Grant) -> None:
+        services.grant_revoke(
+            actor=request.user, grants=[obj], source=request.META.get("REMOTE_ADDR")
+        )
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Grant]) -> None:
+        # The "delete selected" action runs outside the admin's transaction: all or none.
+        with transaction.atomic(using=queryset.db):
+            services.grant_revoke(
+                actor=request.user, grants=queryset, source=request.META.get("REMOTE_ADDR")
+            )
+
+
+# --- the audit trail -------------------------------------------------------------------------
+
+
+def _compact_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False, default=str)
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(AuditEventAdminBase):
+    """The audit trail, read-only for everyone: no add, change or delete, not even superusers."""
+
+    list_display = (
+        "at",
+        "username",
+        "action",
+        "outcome",
+        "source",
+        "task_link",
+        "detail_display",
+    )
+    list_filter = ("action", "outcome", "at")
+    search_fields = ("username", "source")
+    search_help_text = _("User name or source address; or an upload id, whole or its start.")
+    date_hierarchy = "at"
+    ordering = ("-at",)
+    list_per_page = 100
+    fields = (
+        "at",
+        "user",
+        "username",
+        "action",
+        "outcome",
+        "source",
+        "task_link",
+        "detail_pretty",
+    )
+    readonly_fields = fields
+
+    @admin.display(description=_("upload"), ordering="task_id")
+    def task_link(self, event: AuditEvent) -> SafeString | None:
+        if event.task_id is None:
+            return None
+        # Linked without checking the task still exists (that would be a query a row); a purged
+        # task's link leads to the admin's "doesn't exist" message.
+        url = reverse("admin:uploads_uploadtask_change", args=[event.task_id])
+        return format_html(
+            '<a href="{}" title="{}">{}</a>', url, event.task_id, str(event.task_id)[:8]
+        )
+
+    @admin.display(description=_("detail"))
+    def detail_display(self, event: AuditEvent) -> SafeString | None:
+        if not event.detail:
+            return None
+        text = _compact_json(event.detail)
+        short = Truncator(text).chars(DETAIL_PREVIEW_CHARS)
+        return format_html('<code title="{}">{}</code>', text, short)
+
+    @admin.display(description=_("detail"))
+    def detail_pretty(self, event: AuditEvent) -> SafeString:
+        text = json.dumps(event.detail, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+        return format_html("<pre>{}</pre>", text)
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[AuditEvent], search_term: str
+    ) -> tuple[QuerySet[AuditEvent], bool]:
+        results, may_have_duplicates = super().get_search_results(request, queryset, search_term)
+        # Parsed first, so text that is no id never reaches the UUID column's lookup.
+        id_lookup = _id_lookup(search_term, field="task_id")
+        if id_lookup is not None:
+            results = results | queryset.filter(id_lookup)
+        return results, may_have_duplicates
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: AuditEvent | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: AuditEvent | None = None) -> bool:
+        return False
+
+
+# --- workers ---------------------------------------------------------------------------------
+
+
+@admin.register(WorkerHeartbeat)
+class WorkerHeartbeatAdmin(HeartbeatAdminBase):
+    """The running workers as their heartbeats report them; superusers may clear stale rows."""
+
+    list_display = (
+        "worker_id",
+        "hostname",
+        "pid",
+        "threads",
+        "started_at",
+        "last_seen_display",
+        "in_flight",
+        "processed",
+    )
+    ordering = ("-last_seen_at",)
+
+    class Media:
+        css = {"all": ("uploads/admin.css",)}
+
+    @admin.display(description=_("last seen"), ordering="last_seen_at")
+    def last_seen_display(self, beat: WorkerHeartbeat) -> SafeString:
+        now = timezone.now()
+        seconds = max(int((now - beat.last_seen_at).total_seconds()), 0)
+        if seconds <= SECONDS_SHOWN_UP_TO:
+            text = ngettext("%d second ago", "%d seconds ago", seconds) % seconds
+        else:
+            text = _("%(age)s ago") % {"age": timesince(beat.last_seen_at, now)}
+        # A worker silent for longer than a lease has lost its claims to the reaper: likely gone.
+        if seconds > uploads_settings.LEASE_SECONDS:
+            return format_html(
+                '<span class="upload-heartbeat-stale" title="{}">{}</span>',
+                _("No heartbeat for longer than a lease: this worker has probably stopped."),
+                text,
+            )
+        return format_html("<span>{}</span>", text)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(
+        self, request: HttpRequest, obj: WorkerHeartbeat | None = None
+    ) -> bool:
+        return False
+
+    def has_delete_permission(
+        self, request: HttpRequest, obj: WorkerHeartbeat | None = None
+    ) -> bool:
+        return bool(request.user.is_superuser) and super().has_delete_permission(request, obj)

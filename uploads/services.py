@@ -482,11 +482,18 @@ def grant_create(
     return grant
 
 
-def grant_revoke(*, actor: Any, grants: Any) -> int:
+def grant_revoke(*, actor: Any, grants: Any, source: str | None = None) -> int:
     count = 0
     for grant in list(grants):
         description, pk = str(grant), grant.pk
         grant.delete()
-        audit(action="grant", outcome="revoked", user=actor, grant=description, grant_id=pk)
+        audit(
+            action="grant",
+            outcome="revoked",
+            user=actor,
+            source=source,
+            grant=description,
+            grant_id=pk,
+        )
         count += 1
     return count
