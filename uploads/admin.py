@@ -106,23 +106,6 @@ def _source(request: HttpRequest) -> str | None:
     return address
 
 
-def _audit_task(
-    request: HttpRequest, *, action: str, task: UploadTask, refused: Exception | None = None
-) -> None:
-    """One audit event per task an operator retried or cancelled here, as the API writes it."""
-    detail: dict[str, Any] = {"via": "admin"}
-    if refused is not None:
-        detail["reason"] = str(refused)
-    services.audit(
-        action=action,
-        outcome="refused" if refused is not None else "done",
-        user=request.user,
-        source=_source(request),
-        task_id=task.pk,
-        **detail,
-    )
-
-
 def _duration(attempt: UploadAttempt, empty: str) -> str:
     # `empty` because a read-only field on a change page prints None as "None", unlike a
     # changelist cell, which shows the admin's empty value.
@@ -391,12 +374,12 @@ class UploadTaskAdmin(TaskAdminBase):
         if not self.has_change_permission(request, task):
             raise PermissionDenied
         try:
-            services.upload_retry(task=task)
+            services.upload_retry(
+                task=task, actor=request.user, source=_source(request), via="admin"
+            )
         except (services.TaskStateError, services.SpoolFileMissing, services.NotGranted) as exc:
-            _audit_task(request, action="retry", task=task, refused=exc)
             self.message_user(request, _("Not retried: %s") % exc, messages.ERROR)
         else:
-            _audit_task(request, action="retry", task=task)
             self.log_change(request, task, LOG_RETRIED)
             self.message_user(request, _("The upload is queued again."), messages.SUCCESS)
         return HttpResponseRedirect(self._url("change", task.pk))
@@ -408,18 +391,16 @@ class UploadTaskAdmin(TaskAdminBase):
         retried = skipped = missing = not_granted = 0
         for task in queryset:
             try:
-                services.upload_retry(task=task)
-            except services.TaskStateError as exc:
-                _audit_task(request, action="retry", task=task, refused=exc)
+                services.upload_retry(
+                    task=task, actor=request.user, source=_source(request), via="admin"
+                )
+            except services.TaskStateError:
                 skipped += 1
-            except services.SpoolFileMissing as exc:
-                _audit_task(request, action="retry", task=task, refused=exc)
+            except services.SpoolFileMissing:
                 missing += 1
-            except services.NotGranted as exc:
-                _audit_task(request, action="retry", task=task, refused=exc)
+            except services.NotGranted:
                 not_granted += 1
             else:
-                _audit_task(request, action="retry", task=task)
                 self.log_change(request, task, LOG_RETRIED)
                 retried += 1
         parts = [ngettext("Retried %d upload", "Retried %d uploads", retried) % retried]
@@ -457,12 +438,12 @@ class UploadTaskAdmin(TaskAdminBase):
         cancelled = skipped = 0
         for task in queryset:
             try:
-                services.upload_cancel(task=task)
-            except services.TaskStateError as exc:
-                _audit_task(request, action="cancel", task=task, refused=exc)
+                services.upload_cancel(
+                    task=task, actor=request.user, source=_source(request), via="admin"
+                )
+            except services.TaskStateError:
                 skipped += 1
             else:
-                _audit_task(request, action="cancel", task=task)
                 self.log_change(request, task, LOG_CANCELLED)
                 cancelled += 1
         parts = [ngettext("Cancelled %d upload", "Cancelled %d uploads", cancelled) % cancelled]

@@ -442,21 +442,13 @@ class UploadViewSet(
     def retry(self, request: Request, pk: str | None = None) -> Response:
         task = self.get_object()
         try:
-            task = services.upload_retry(task=task)
+            task = services.upload_retry(task=task, actor=request.user, source=_source(request))
         except services.TaskStateError as exc:
             raise Conflict(str(exc)) from exc
         except services.SpoolFileMissing as exc:
             raise Gone(str(exc)) from exc
         except services.NotGranted as exc:
             raise PermissionDenied(str(exc)) from exc
-        finally:
-            services.audit(
-                action="retry",
-                outcome="done" if task.status == "pending" else "refused",
-                user=request.user,
-                source=_source(request),
-                task_id=task.pk,
-            )
         return Response(self.get_serializer(task).data)
 
     @extend_schema(request=None, responses={200: UploadTaskSerializer, 409: OpenApiResponse()})
@@ -464,15 +456,7 @@ class UploadViewSet(
     def cancel(self, request: Request, pk: str | None = None) -> Response:
         task = self.get_object()
         try:
-            task = services.upload_cancel(task=task)
+            task = services.upload_cancel(task=task, actor=request.user, source=_source(request))
         except services.TaskStateError as exc:
             raise Conflict(str(exc)) from exc
-        finally:
-            services.audit(
-                action="cancel",
-                outcome="done" if task.status == "cancelled" else "refused",
-                user=request.user,
-                source=_source(request),
-                task_id=task.pk,
-            )
         return Response(self.get_serializer(task).data)

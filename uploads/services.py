@@ -149,8 +149,45 @@ def upload_create(
     return task
 
 
-def upload_retry(*, task: UploadTask) -> UploadTask:
-    """Failed or cancelled → pending now, with at least one more attempt; history is kept."""
+def upload_retry(
+    *, task: UploadTask, actor: Any = None, source: str | None = None, via: str = "api"
+) -> UploadTask:
+    """Failed or cancelled → pending now, with at least one more attempt; history is kept.
+
+    Audited either way: done, or refused with the reason.
+    """
+    try:
+        _check_retryable(task)
+        now = timezone.now()
+        updated = UploadTask.objects.filter(
+            pk=task.pk, status__in=[Status.FAILED, Status.CANCELLED]
+        ).update(
+            status=Status.PENDING,
+            next_attempt_at=now,
+            finished_at=None,
+            max_attempts=Greatest(F("max_attempts"), F("attempts") + 1),
+        )
+        if not updated:
+            raise TaskStateError("the upload changed state meanwhile; reload it")
+    except (TaskStateError, SpoolFileMissing, NotGranted) as exc:
+        audit(
+            action="retry",
+            outcome="refused",
+            user=actor,
+            source=source,
+            task_id=task.pk,
+            via=via,
+            reason=str(exc),
+        )
+        raise
+    _notify_workers()
+    task.refresh_from_db()
+    audit(action="retry", outcome="done", user=actor, source=source, task_id=task.pk, via=via)
+    logger.info("task=%s retried by hand", task.pk)
+    return task
+
+
+def _check_retryable(task: UploadTask) -> None:
     if task.status not in (Status.FAILED, Status.CANCELLED):
         raise TaskStateError(
             f"only failed or cancelled uploads can be retried (this one is {task.status})"
@@ -160,33 +197,31 @@ def upload_retry(*, task: UploadTask) -> UploadTask:
     permission = task_permission(task)
     if not permission.allowed:
         raise NotGranted(permission.reason)
-    now = timezone.now()
-    updated = UploadTask.objects.filter(
-        pk=task.pk, status__in=[Status.FAILED, Status.CANCELLED]
-    ).update(
-        status=Status.PENDING,
-        next_attempt_at=now,
-        finished_at=None,
-        max_attempts=Greatest(F("max_attempts"), F("attempts") + 1),
-    )
-    if not updated:
-        raise TaskStateError("the upload changed state meanwhile; reload it")
-    _notify_workers()
-    task.refresh_from_db()
-    logger.info("task=%s retried by hand", task.pk)
-    return task
 
 
-def upload_cancel(*, task: UploadTask) -> UploadTask:
-    """Pending → cancelled, and the spool file is removed."""
+def upload_cancel(
+    *, task: UploadTask, actor: Any = None, source: str | None = None, via: str = "api"
+) -> UploadTask:
+    """Pending → cancelled, and the spool file is removed. Audited either way."""
     updated = UploadTask.objects.filter(pk=task.pk, status=Status.PENDING).update(
         status=Status.CANCELLED, finished_at=timezone.now()
     )
     if not updated:
         task.refresh_from_db(fields=["status"])
-        raise TaskStateError(f"only pending uploads can be cancelled (this one is {task.status})")
+        reason = f"only pending uploads can be cancelled (this one is {task.status})"
+        audit(
+            action="cancel",
+            outcome="refused",
+            user=actor,
+            source=source,
+            task_id=task.pk,
+            via=via,
+            reason=reason,
+        )
+        raise TaskStateError(reason)
     spool.remove(task.spool_name)
     task.refresh_from_db()
+    audit(action="cancel", outcome="done", user=actor, source=source, task_id=task.pk, via=via)
     logger.info("task=%s cancelled", task.pk)
     return task
 
