@@ -24,6 +24,7 @@ class PushRequest:
     uid: int | None = None
     gid: int | None = None
     create_dirs: bool = False
+    remote: str = "local"
 
 
 class PushError(Exception):

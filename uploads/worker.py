@@ -198,6 +198,7 @@ class Worker:
             uid=task.uid,
             gid=task.gid,
             create_dirs=task.create_dirs,
+            remote=task.remote,
         )
         error: str | None = None
         permanent = False
