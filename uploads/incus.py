@@ -1,6 +1,37 @@
 """The only module that knows Incus and pylxd.
 
-Facts it relies on (measured on Incus 6.0 here, see shared/INCUS-NOTES.md):
+How a push is delivered through the local unix socket (see shared/INCUS-NOTES.md; the facts
+marked "measured" were measured on Incus 6.0.4 here):
+- Over Incus's SFTP endpoint: `GET /1.0/instances/{name}/sftp?project=P` with `Upgrade: sftp`
+  answers 101, then raw SFTP v3 runs on the connection (uploads.sftp does the transport).
+- The data goes to a temporary sibling `.<name>.uploadsvc-<random>.tmp` in pipelined 128 KiB
+  packets; then the sibling gets its owner and mode (chown first: chown clears setuid bits,
+  measured) and is renamed over the destination with posix-rename. A reader in the instance sees
+  the old file or the new one, never a part. Unlike the files endpoint, which applies mode and
+  owner only to new files, the requested mode and owner hold after an overwrite too; what is not
+  requested is kept from the old file (0644 root:root for a new one), like `incus file push`.
+- The sibling's size, mode and owner (and, with UPLOADS['VERIFY_SHA256'], its content, read
+  back in 32 KiB reads) are checked before the rename publishes it; the destination is stat'ed
+  after it.
+- A temporary sibling left by a push that died is removed by a later push into the same
+  directory once it has not been modified for UPLOADS['STALE_TEMP_SECONDS']. Younger ones may
+  belong to a concurrent push to the same path, which writes its own sibling continuously;
+  the names are unique, so two such pushes never mix their data and the last rename wins.
+- Sessions are kept per (project, instance) and reused by the next push, and reopened when they
+  broke (an instance that stops breaks its sessions, measured). They are closed after
+  UPLOADS['SFTP_IDLE_SECONDS'] without a push: an open session holds the instance, so
+  `incus start` of a stopped instance waits for it and a graceful `incus stop` of a running one
+  does not finish until it closes (both measured).
+- Stopped instances are served by the same endpoint (measured), so they need no fallback.
+- A destination that is a symlink is written through, as `incus file push` does: the link's
+  target is replaced.
+- Incus cannot set setuid, setgid or sticky bits (they are dropped on chmod, measured): a mode
+  asking for them is refused, and a replaced file loses them.
+
+An https:// endpoint (a remote) still goes through the files endpoint with pylxd: SFTP over TLS
+needs the client certificate on the raw connection and is a later step (`_connect` is the one
+place to add it). That path keeps the files endpoint's limits: no atomic replace, and mode and
+owner apply only to new files. Facts it relies on:
 - pylxd sends only the legacy X-LXD-* file headers, which Incus 7.0.1 and 7.2+ ignore, so every
   request here carries the X-Incus-* names too; modes go as 0-prefixed octal.
 - A pylxd Client shares one requests.Session, which is not thread-safe: one pusher per thread.
@@ -10,18 +41,54 @@ Facts it relies on (measured on Incus 6.0 here, see shared/INCUS-NOTES.md):
   server fault.
 """
 
+import hashlib
+import json
+import logging
 import os
 import posixpath
+import re
+import secrets
+import socket
+import stat
+import threading
+import time
+import urllib.parse
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import IO, Any
 
+import paramiko
 import pylxd
 import requests
 from pylxd.exceptions import ClientConnectionFailed, LXDAPIException, NotFound
 
 from uploads.conf import uploads_settings
 from uploads.pushers import PermanentPushError, PushError, PushRequest, TransientPushError
+from uploads.sftp import (
+    READ_PACKET,
+    WRITE_PACKET,
+    LinkBroken,
+    UpgradeRefused,
+    finish_pipelined_writes,
+    open_sftp,
+)
+
+logger = logging.getLogger(__name__)
 
 DIR_MODE = 0o755
+NEW_FILE_MODE = 0o644
+# Incus's SFTP server, like its files endpoint, silently drops setuid, setgid and sticky bits on
+# chmod (measured: 04750 gives 0750), so only these can be set.
+PERMISSION_BITS = 0o777
+# Read from the spool in 1 MiB pieces; paramiko cuts each into WRITE_PACKET writes.
+SOURCE_CHUNK = 1024 * 1024
+# Sessions one pusher keeps open at most (one per instance it pushed to recently).
+MAX_SESSIONS = 16
+MAX_SYMLINKS = 40
+# Directories whose last search for stale temporary files a pusher remembers.
+MAX_SWEPT = 4096
+TEMP_MARK = ".uploadsvc-"
+TEMP_PATTERN = re.compile(r"\..+" + re.escape(TEMP_MARK) + r"[0-9a-f]{12}\.tmp")
 
 
 def _file_headers(
@@ -48,22 +115,394 @@ def _status(exc: LXDAPIException) -> int:
     return int(getattr(response, "status_code", 0) or 0)
 
 
+def _temp_stem(name: str) -> str:
+    """The part of the temporary name that ties it to its destination; short enough that the
+    temporary name stays within NAME_MAX (255 bytes)."""
+    if len(name.encode()) <= 200:
+        return name
+    return hashlib.sha256(name.encode()).hexdigest()[:32]
+
+
+def _temp_name(name: str) -> str:
+    return f".{_temp_stem(name)}{TEMP_MARK}{secrets.token_hex(6)}.tmp"
+
+
+def _error_detail(body: bytes, fallback: str) -> str:
+    """The `error` of an Incus error response body, else `fallback`."""
+    try:
+        detail = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        detail = None
+    return str(detail) if detail else fallback
+
+
+class _Session:
+    """An open SFTP session to one instance."""
+
+    def __init__(self, client: Any, link: Any) -> None:
+        self.client = client
+        self.link = link
+        self.last_used = time.monotonic()
+
+    @property
+    def broken(self) -> bool:
+        return bool(self.link.broken)
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except (OSError, LinkBroken):
+            pass
+
+
+class _Delivery:
+    """One push over an open SFTP session: temporary sibling, data, owner and mode, rename,
+    verification. SFTP error replies arrive as OSError (ENOENT and EACCES carry their errno,
+    everything else is a bare "failure"); where a reply can mean several things, a stat decides.
+    A dead connection raises LinkBroken, which the pusher handles."""
+
+    def __init__(self, sftp: Any, req: PushRequest, sweep: Callable[[str], bool]) -> None:
+        self.sftp = sftp
+        self.req = req
+        self.where = req.instance
+        # Whether to look for stale temporary files in a directory this time.
+        self.sweep = sweep
+        # Our temporary sibling while it exists.
+        self.temp: str | None = None
+
+    # --- what a failure means -----------------------------------------------------------
+
+    def _non_directory_ancestor(self, path: str) -> str | None:
+        """The first existing ancestor of `path` that is not a directory, if any."""
+        current = ""
+        for part in [p for p in path.split("/") if p][:-1]:
+            current = f"{current}/{part}"
+            try:
+                attrs = self.sftp.stat(current)
+            except OSError:
+                return None
+            if not stat.S_ISDIR(attrs.st_mode or 0):
+                return current
+        return None
+
+    def _failed(self, exc: OSError, doing: str, path: str) -> PushError:
+        if isinstance(exc, PermissionError):
+            return PermanentPushError(f"permission denied {doing} {path} in {self.where}")
+        blocker = self._non_directory_ancestor(path)
+        if blocker is not None:
+            return PermanentPushError(f"{blocker} is not a directory in {self.where}")
+        return TransientPushError(f"{doing} {path} in {self.where} failed: {exc}")
+
+    def _is_directory(self, path: str) -> bool:
+        try:
+            return stat.S_ISDIR(self.sftp.stat(path).st_mode or 0)
+        except OSError:
+            return False
+
+    # --- the steps ----------------------------------------------------------------------
+
+    def resolve(self) -> tuple[str, Any]:
+        """The path to replace (symlinks followed, as `incus file push` writes through them)
+        and its attributes, None when it does not exist yet. Also the session's first request,
+        so it tells whether a kept session still works."""
+        path = self.req.path
+        for _ in range(MAX_SYMLINKS):
+            try:
+                attrs = self.sftp.lstat(path)
+            except FileNotFoundError:
+                return path, None
+            except OSError as exc:
+                raise self._failed(exc, "looking up", path) from exc
+            if not stat.S_ISLNK(attrs.st_mode or 0):
+                return path, attrs
+            try:
+                link = self.sftp.readlink(path)
+            except OSError as exc:
+                raise self._failed(exc, "reading the link", path) from exc
+            joined = posixpath.join(posixpath.dirname(path), link)
+            path = "/" + posixpath.normpath(joined).lstrip("/")
+        raise PermanentPushError(
+            f"too many levels of symbolic links at {self.req.path} in {self.where}"
+        )
+
+    def run(self, target: str, existing: Any) -> None:
+        req = self.req
+        if existing is not None and stat.S_ISDIR(existing.st_mode or 0):
+            raise PermanentPushError(f"{req.path} is a directory in {self.where}")
+        if req.mode is not None and req.mode & ~PERMISSION_BITS:
+            raise PermanentPushError(
+                f"mode {req.mode:04o}: Incus cannot set setuid, setgid or sticky bits"
+            )
+        # What is not requested is kept from the file being replaced, like the CLI; but not
+        # its setuid, setgid or sticky bits, which Incus cannot set.
+        if existing is not None:
+            mode, uid, gid = existing.st_mode & PERMISSION_BITS, existing.st_uid, existing.st_gid
+        else:
+            mode, uid, gid = NEW_FILE_MODE, 0, 0
+        mode = req.mode if req.mode is not None else mode
+        uid = req.uid if req.uid is not None else uid
+        gid = req.gid if req.gid is not None else gid
+
+        directory, name = posixpath.split(target)
+        temp = posixpath.join(directory, _temp_name(name))
+        handle = self._create(temp, directory)
+        self.temp = temp
+        try:
+            if mode & 0o044 != 0o044:
+                # The server creates files 0644 (pkg/sftp's fixed mode): hide the data from the
+                # readers the final mode shuts out while it is being written.
+                try:
+                    handle.chmod(0o600)
+                except OSError as exc:
+                    raise self._failed(exc, "setting the mode of", temp) from exc
+            if self.sweep(directory):
+                self._remove_stale_temps(directory, temp)
+            digest = self._write(handle, temp)
+            try:
+                handle.chown(uid, gid)
+            except OSError as exc:
+                # Typically a uid or gid outside the instance's id map: retrying cannot help.
+                raise PermanentPushError(
+                    f"cannot give {target} in {self.where} the owner {uid}:{gid}: {exc}"
+                ) from exc
+            try:
+                handle.chmod(mode)
+                # What the rename will publish (it keeps the inode): checked before it is.
+                written = handle.stat()
+            except OSError as exc:
+                raise self._failed(exc, "setting the mode of", temp) from exc
+            handle.close()
+            problem = self._mismatch(written, mode, uid, gid)
+            if problem:
+                raise TransientPushError(f"the new {target} in {self.where} {problem}")
+            if digest is not None and self._remote_sha256(temp) != digest:
+                raise TransientPushError(
+                    f"the new {target} in {self.where} differs from the upload (SHA-256)"
+                )
+            self._rename(temp, target)
+            self.temp = None
+        except BaseException:
+            self._discard(handle, temp)
+            raise
+        self._verify(target, mode, uid, gid)
+
+    def _create(self, temp: str, directory: str) -> Any:
+        try:
+            return self.sftp.open(temp, "wx")
+        except FileNotFoundError as exc:
+            if not self.req.create_dirs:
+                missing = f"parent directory {directory} does not exist in {self.where}"
+                raise PermanentPushError(f"{missing} (set create_dirs)") from exc
+        except OSError as exc:
+            raise self._failed(exc, "creating a file in", directory) from exc
+        self._make_parents(directory)
+        try:
+            return self.sftp.open(temp, "wx")
+        except OSError as exc:
+            raise self._failed(exc, "creating a file in", directory) from exc
+
+    def _make_parents(self, directory: str) -> None:
+        """Create each missing directory down to `directory`: 0755, owned as requested for the
+        file (root where not requested), like `incus file push -p`."""
+        missing = []
+        current = directory
+        while current not in ("/", ""):
+            try:
+                attrs = self.sftp.stat(current)
+            except FileNotFoundError:
+                missing.append(current)
+                current = posixpath.dirname(current)
+                continue
+            except OSError as exc:
+                raise self._failed(exc, "looking up", current) from exc
+            if not stat.S_ISDIR(attrs.st_mode or 0):
+                raise PermanentPushError(f"{current} is not a directory in {self.where}")
+            break
+        owner = None
+        if self.req.uid is not None or self.req.gid is not None:
+            owner = (self.req.uid or 0, self.req.gid or 0)
+        for path in reversed(missing):
+            try:
+                self.sftp.mkdir(path, DIR_MODE)
+            except OSError as exc:
+                if self._is_directory(path):
+                    continue  # a concurrent push made it: leave it as it is
+                raise self._failed(exc, "creating the directory", path) from exc
+            try:
+                if owner is not None:
+                    self.sftp.chown(path, *owner)
+                self.sftp.chmod(path, DIR_MODE)  # mkdir's mode passes through the umask
+            except OSError as exc:
+                raise self._failed(exc, "setting the owner and mode of", path) from exc
+
+    def _remove_stale_temps(self, directory: str, temp: str) -> None:
+        """Remove temporary files in `directory` left by pushes that died.
+
+        Only those not modified for UPLOADS['STALE_TEMP_SECONDS']: a live push to the same
+        path writes its own sibling continuously, and removing it would fail that push's
+        rename (never corrupt it: names are unique). Ages are compared with our own fresh
+        sibling's mtime, the server's clock. Best effort: a listing that fails leaves them for
+        a later push.
+        """
+        try:
+            entries = self.sftp.listdir_attr(directory)
+        except OSError:
+            return
+        own_name = posixpath.basename(temp)
+        now = next((e.st_mtime for e in entries if e.filename == own_name), None)
+        if now is None:
+            return
+        stale_after = float(uploads_settings.STALE_TEMP_SECONDS)
+        for entry in entries:
+            if (
+                entry.filename != own_name
+                and TEMP_PATTERN.fullmatch(entry.filename)
+                and stat.S_ISREG(entry.st_mode or 0)
+                and entry.st_mtime is not None
+                and now - entry.st_mtime >= stale_after
+            ):
+                try:
+                    self.sftp.remove(posixpath.join(directory, entry.filename))
+                except OSError:
+                    pass  # a concurrent push removed it first
+
+    def _write(self, handle: Any, temp: str) -> str | None:
+        """Send the spool file; its SHA-256 when it is to be verified."""
+        req = self.req
+        digest = hashlib.sha256() if uploads_settings.VERIFY_SHA256 else None
+        handle.MAX_REQUEST_SIZE = WRITE_PACKET
+        handle.set_pipelined(True)
+        sent = 0
+        try:
+            source = open(req.source, "rb", buffering=0)
+        except OSError as exc:
+            raise TransientPushError(f"cannot read the spooled file: {exc}") from exc
+        with source:
+            while True:
+                try:
+                    chunk = source.read(SOURCE_CHUNK)
+                except OSError as exc:
+                    raise TransientPushError(f"cannot read the spooled file: {exc}") from exc
+                if not chunk:
+                    break
+                try:
+                    handle.write(chunk)
+                except OSError as exc:
+                    raise self._failed(exc, "writing", temp) from exc
+                sent += len(chunk)
+                if digest is not None:
+                    digest.update(chunk)
+        try:
+            finish_pipelined_writes(handle)
+        except OSError as exc:
+            raise self._failed(exc, "writing", temp) from exc
+        if sent != req.size:
+            # Never publish it: the destination keeps its old content.
+            raise TransientPushError(
+                f"the spooled file has {sent} bytes, the upload had {req.size}; not replacing "
+                f"{req.path} in {self.where}"
+            )
+        return digest.hexdigest() if digest is not None else None
+
+    def _rename(self, temp: str, target: str) -> None:
+        try:
+            self.sftp.posix_rename(temp, target)
+        except FileNotFoundError as exc:
+            # Our sibling is gone: removed as stale by a concurrent push after a long stall, or
+            # its directory was removed. Another attempt sorts out which.
+            raise TransientPushError(
+                f"the temporary file for {target} in {self.where} disappeared before the rename"
+            ) from exc
+        except OSError as exc:
+            if self._is_directory(target):
+                raise PermanentPushError(f"{self.req.path} is a directory in {self.where}") from exc
+            raise self._failed(exc, "replacing", target) from exc
+
+    def _discard(self, handle: Any, temp: str) -> None:
+        """Best effort: close and remove our temporary sibling after a failure."""
+        if self.sftp.sock.broken:
+            return  # the pusher removes it on its next push to this instance
+        try:
+            handle.close()
+            self.sftp.remove(temp)
+        except OSError:
+            pass
+
+    def _mismatch(self, attrs: Any, mode: int, uid: int, gid: int) -> str | None:
+        """How `attrs` differ from the push, if they do."""
+        if attrs.st_size != self.req.size:
+            return f"has {attrs.st_size} bytes, expected {self.req.size}"
+        found = (attrs.st_mode & PERMISSION_BITS, attrs.st_uid, attrs.st_gid)
+        if found != (mode, uid, gid):
+            return (
+                f"has mode {found[0]:04o} and owner {found[1]}:{found[2]}, "
+                f"expected {mode:04o} and {uid}:{gid}"
+            )
+        return None
+
+    def _verify(self, target: str, mode: int, uid: int, gid: int) -> None:
+        """Stat the destination after the rename.
+
+        What the rename published was checked on the sibling itself just before it, and the
+        rename replaces the path atomically. So a difference found here means another writer
+        changed the path in between, typically a concurrent push to the same path renaming over
+        ours (measured: 22 of 90 pushes when three threads push one path). That is no failure
+        of this push: retrying it would put this upload back over the newer one.
+        """
+        try:
+            attrs = self.sftp.stat(target)
+        except OSError as exc:
+            logger.warning("%s in %s is gone right after the push: %s", target, self.where, exc)
+            return
+        problem = self._mismatch(attrs, mode, uid, gid)
+        if problem is not None:
+            logger.warning(
+                "%s in %s %s right after the push: replaced by a concurrent push?",
+                target,
+                self.where,
+                problem,
+            )
+
+    def _remote_sha256(self, target: str) -> str:
+        digest = hashlib.sha256()
+        try:
+            with self.sftp.open(target, "r") as remote:
+                remote.prefetch(self.req.size, max_concurrent_requests=64)
+                while data := remote.read(READ_PACKET):
+                    digest.update(data)
+        except OSError as exc:
+            raise TransientPushError(f"cannot read {target} back from {self.where}: {exc}") from exc
+        return digest.hexdigest()
+
+
 class IncusPusher:
-    """Pushes files through the Incus API with one pylxd client per pusher (so per thread)."""
+    """Pushes files into Incus instances; one pusher per thread (its sessions are not shared)."""
 
     def __init__(self, endpoint: str | None = None, timeout: float | None = None) -> None:
         self.endpoint = endpoint or uploads_settings.INCUS_ENDPOINT
         self.timeout = timeout if timeout is not None else uploads_settings.INCUS_TIMEOUT
         self._client: pylxd.Client | None = None
+        # (project, instance) -> idle session, least recently used first. The lock is shared
+        # with the idle reaper; a session in use is never in here.
+        self._sessions: OrderedDict[tuple[str, str], _Session] = OrderedDict()
+        self._lock = threading.Lock()
+        self._reaper: threading.Thread | None = None
+        self._closing = threading.Event()
+        # When each directory was last searched for stale temporary files.
+        self._swept: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+        # Temporary files of our own pushes whose connection broke, to remove on the next one.
+        self._orphans: dict[tuple[str, str], set[str]] = {}
+
+    @property
+    def _local(self) -> bool:
+        return self.endpoint.startswith("/")
 
     # --- connection ---------------------------------------------------------------------
 
     def client(self) -> pylxd.Client:
         if self._client is None:
-            if self.endpoint.startswith("/") and not os.path.exists(self.endpoint):
-                raise TransientPushError(
-                    f"the Incus socket {self.endpoint} does not exist (is incusd running?)"
-                )
+            if self._local and not os.path.exists(self.endpoint):
+                raise TransientPushError(self._missing_socket())
             try:
                 self._client = pylxd.Client(endpoint=self.endpoint, timeout=self.timeout)
             except (ClientConnectionFailed, requests.RequestException, OSError) as exc:
@@ -72,7 +511,20 @@ class IncusPusher:
                 ) from exc
         return self._client
 
+    def _missing_socket(self) -> str:
+        return f"the Incus socket {self.endpoint} does not exist (is incusd running?)"
+
     def close(self) -> None:
+        with self._lock:
+            sessions = list(self._sessions.values())
+            self._sessions.clear()
+            reaper, self._reaper = self._reaper, None
+            self._closing.set()
+        for session in sessions:
+            session.close()
+        if reaper is not None:
+            reaper.join()
+        self._closing = threading.Event()
         if self._client is not None:
             self._client.api.session.close()
             self._client = None
@@ -97,11 +549,171 @@ class IncusPusher:
             return False
         return True
 
+    # --- SFTP sessions ------------------------------------------------------------------
+
+    def _connect(self) -> socket.socket:
+        """A raw stream connection to the API (a TLS socket with the client certificate is
+        what remotes will need here)."""
+        if not os.path.exists(self.endpoint):
+            raise TransientPushError(self._missing_socket())
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.endpoint)
+        except OSError as exc:
+            sock.close()
+            raise TransientPushError(
+                f"cannot reach Incus at {self.endpoint}: {exc or type(exc).__name__}"
+            ) from exc
+        return sock
+
+    def _open_session(self, req: PushRequest) -> _Session:
+        name = urllib.parse.quote(req.instance, safe="")
+        query = urllib.parse.urlencode({"project": req.project})
+        try:
+            client, link = open_sftp(self._connect(), target=f"/1.0/instances/{name}/sftp?{query}")
+        except UpgradeRefused as exc:
+            detail = _error_detail(exc.body, exc.reason)
+            if exc.status == 404:
+                raise PermanentPushError(
+                    f"instance '{req.instance}' not found in project '{req.project}'"
+                ) from exc
+            if exc.status == 403:
+                raise PermanentPushError(
+                    f"Incus refused access to {req.instance} (403): {detail}"
+                ) from exc
+            if exc.status == 400:
+                raise PermanentPushError(f"Incus refused the request (400): {detail}") from exc
+            if exc.status == 503:
+                raise TransientPushError(f"Incus is not ready (503): {detail}") from exc
+            raise TransientPushError(f"Incus answered {exc.status}: {detail}") from exc
+        except (LinkBroken, paramiko.SSHException) as exc:
+            raise TransientPushError(
+                f"connection to Incus failed while opening SFTP to {req.instance}: {exc}"
+            ) from exc
+        return _Session(client, link)
+
+    def _take_session(self, key: tuple[str, str]) -> _Session | None:
+        with self._lock:
+            return self._sessions.pop(key, None)
+
+    def _keep_session(self, key: tuple[str, str], session: _Session) -> None:
+        idle = float(uploads_settings.SFTP_IDLE_SECONDS)
+        if session.broken or idle <= 0:
+            session.close()
+            return
+        session.last_used = time.monotonic()
+        evicted = []
+        with self._lock:
+            self._sessions[key] = session
+            while len(self._sessions) > MAX_SESSIONS:
+                evicted.append(self._sessions.popitem(last=False)[1])
+            if self._reaper is None:
+                self._reaper = threading.Thread(
+                    target=self._reap, args=(idle, self._closing), name="incus-sftp-idle"
+                )
+                self._reaper.daemon = True
+                self._reaper.start()
+        for old in evicted:
+            old.close()
+
+    def _reap(self, idle: float, closing: threading.Event) -> None:
+        """Close sessions idle for `idle` seconds; end when none is left."""
+        while not closing.wait(min(idle / 2, 1.0)):
+            now = time.monotonic()
+            with self._lock:
+                expired = [k for k, s in self._sessions.items() if now - s.last_used >= idle]
+                sessions = [self._sessions.pop(k) for k in expired]
+                done = not self._sessions
+                if done:
+                    self._reaper = None
+            for session in sessions:
+                session.close()
+            if done:
+                return
+
     # --- pushing ------------------------------------------------------------------------
 
     def push(self, request: PushRequest) -> None:
+        if self._local:
+            self._push_sftp(request)
+        else:
+            self._push_files(request)
+
+    def _push_sftp(self, req: PushRequest) -> None:
+        key = (req.project, req.instance)
+        session = self._take_session(key)
+        reused = session is not None
+        if session is None:
+            session = self._open_session(req)
+        delivery = _Delivery(session.client, req, self._sweep_due(key))
         try:
-            self._push(request)
+            try:
+                target, existing = delivery.resolve()
+            except (LinkBroken, paramiko.SSHException):
+                if not reused:
+                    raise
+                # The kept session died meanwhile (instance stopped, daemon restarted): nothing
+                # was written yet, so start afresh once.
+                session.close()
+                session = self._open_session(req)
+                delivery = _Delivery(session.client, req, self._sweep_due(key))
+                target, existing = delivery.resolve()
+            self._remove_orphans(key, session)
+            delivery.run(target, existing)
+        except PushError:
+            self._keep_session(key, session)  # an SFTP error reply leaves the session usable
+            raise
+        except (LinkBroken, paramiko.SSHException, paramiko.SFTPError, EOFError) as exc:
+            session.close()
+            if delivery.temp is not None:
+                self._orphans.setdefault(key, set()).add(delivery.temp)
+            raise TransientPushError(
+                f"connection to Incus failed: {exc or type(exc).__name__}"
+            ) from exc
+        except OSError as exc:
+            # An SFTP error reply no step above expected.
+            self._keep_session(key, session)
+            raise TransientPushError(
+                f"SFTP request for {req.path} in {req.instance} failed: {exc}"
+            ) from exc
+        except BaseException:
+            session.close()
+            raise
+        self._keep_session(key, session)
+
+    def _sweep_due(self, key: tuple[str, str]) -> Callable[[str], bool]:
+        """Whether a directory is due for a look for stale temporary files: at most once per
+        STALE_TEMP_SECONDS per directory and pusher (a file only becomes stale after that long,
+        and a listing costs a request per entry on the server)."""
+
+        def due(directory: str) -> bool:
+            now = time.monotonic()
+            where = (*key, directory)
+            last = self._swept.get(where)
+            if last is not None and now - last < float(uploads_settings.STALE_TEMP_SECONDS):
+                return False
+            self._swept[where] = now
+            self._swept.move_to_end(where)
+            while len(self._swept) > MAX_SWEPT:
+                self._swept.popitem(last=False)
+            return True
+
+        return due
+
+    def _remove_orphans(self, key: tuple[str, str], session: _Session) -> None:
+        """Remove the temporary files our own pushes left when their connection broke."""
+        for path in self._orphans.pop(key, ()):
+            try:
+                session.client.remove(path)
+            except OSError:
+                pass  # already gone
+
+    # --- the files endpoint (https remotes) ---------------------------------------------
+
+    def _push_files(self, request: PushRequest) -> None:
+        try:
+            self._push_files_once(request)
         except PushError:
             raise
         except (requests.ConnectionError, requests.Timeout, ConnectionError) as exc:
@@ -114,7 +726,7 @@ class IncusPusher:
             self.close()
             raise TransientPushError(f"request to Incus failed: {exc}") from exc
 
-    def _push(self, req: PushRequest) -> None:
+    def _push_files_once(self, req: PushRequest) -> None:
         where = f"{req.instance}"
         with open(req.source, "rb") as body:
             try:
