@@ -31,6 +31,8 @@ from uploads.models import Outcome, Status, UploadAttempt, UploadTask
 
 pytestmark = [pytest.mark.faults, pytest.mark.django_db(transaction=True)]
 
+# The web server stamps max_attempts on each task and the workers schedule the retries, so
+# both get these: enough attempts, quickly spaced, to outlast an outage of a few seconds.
 FAST_RETRIES = {
     "UPLOADS_RETRY_BASE_SECONDS": "0.2",
     "UPLOADS_RETRY_MAX_SECONDS": "1",
@@ -118,6 +120,7 @@ def incusd_pid() -> int | None:
     return int(out[0]) if out else None
 
 
+@pytest.mark.server_env(**FAST_RETRIES)
 def test_incusd_stopped_during_a_burst_then_started_everything_lands_once(
     gunicorn_server: Server, token: str, spool: Path, tmp_path: Path, incus: str
 ) -> None:
@@ -174,6 +177,7 @@ def pg_cluster() -> str:
     return sorted(os.listdir("/etc/postgresql"), key=lambda v: [int(x) for x in v.split(".")])[-1]
 
 
+@pytest.mark.server_env(**FAST_RETRIES)
 def test_postgresql_restart_during_a_burst_web_and_workers_reconnect(
     gunicorn_server: Server, token: str, spool: Path, tmp_path: Path, incus: str
 ) -> None:
