@@ -28,17 +28,15 @@ marked "measured" were measured on Incus 6.0.4 here):
 - Incus cannot set setuid, setgid or sticky bits (they are dropped on chmod, measured): a mode
   asking for them is refused, and a replaced file loses them.
 
-An https:// endpoint (a remote) still goes through the files endpoint with pylxd: SFTP over TLS
-needs the client certificate on the raw connection and is a later step (`_connect` is the one
-place to add it). That path keeps the files endpoint's limits: no atomic replace, and mode and
-owner apply only to new files. Facts it relies on:
-- pylxd sends only the legacy X-LXD-* file headers, which Incus 7.0.1 and 7.2+ ignore, so every
-  request here carries the X-Incus-* names too; modes go as 0-prefixed octal.
-- A pylxd Client shares one requests.Session, which is not thread-safe: one pusher per thread.
-- A missing instance and a missing parent directory both answer 404; the instance is looked up
-  to tell them apart rather than comparing message strings.
-- A destination that is a directory answers 500; a GET of the path tells it apart from a real
-  server fault.
+Remotes (UPLOADS['REMOTES']): an https:// endpoint gets the same SFTP delivery over TLS, with
+the client certificate Incus trusts and the server certificate pinned (Incus servers present
+self-signed ones). pylxd, used only for look-ups and health, gets a requests session with
+`trust_env = False`: REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE would otherwise replace the pin.
+
+The files endpoint (`POST /1.0/instances/{name}/files`) is not used: it applies mode and owner
+only to new files, cannot replace atomically, and pylxd sends it only the X-LXD-* headers that
+Incus 7.0.1 and 7.2+ ignore. SFTP has no such headers, so the same code serves Incus 6 and 7.
+A pylxd Client shares one requests.Session, which is not thread-safe: one pusher per thread.
 """
 
 import hashlib
@@ -49,17 +47,19 @@ import posixpath
 import re
 import secrets
 import socket
+import ssl
 import stat
 import threading
 import time
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import IO, Any
+from typing import Any
 
 import paramiko
 import pylxd
 import requests
+from pylxd.client import get_session_for_url
 from pylxd.exceptions import ClientConnectionFailed, LXDAPIException, NotFound
 
 from uploads.conf import uploads_settings
@@ -89,30 +89,6 @@ MAX_SYMLINKS = 40
 MAX_SWEPT = 4096
 TEMP_MARK = ".uploadsvc-"
 TEMP_PATTERN = re.compile(r"\..+" + re.escape(TEMP_MARK) + r"[0-9a-f]{12}\.tmp")
-
-
-def _file_headers(
-    *, kind: str, mode: int | None, uid: int | None, gid: int | None, write: str | None = None
-) -> dict[str, str]:
-    values = {"type": kind}
-    if write:
-        values["write"] = write
-    if mode is not None:
-        values["mode"] = f"0{mode:o}"
-    if uid is not None:
-        values["uid"] = str(uid)
-    if gid is not None:
-        values["gid"] = str(gid)
-    headers = {}
-    for key, value in values.items():
-        headers[f"X-Incus-{key}"] = value
-        headers[f"X-LXD-{key}"] = value  # Incus 6.0 LTS also reads these; LXD reads only these.
-    return headers
-
-
-def _status(exc: LXDAPIException) -> int:
-    response = getattr(exc, "response", None)
-    return int(getattr(response, "status_code", 0) or 0)
 
 
 def _temp_stem(name: str) -> str:
@@ -478,10 +454,34 @@ class _Delivery:
 class IncusPusher:
     """Pushes files into Incus instances; one pusher per thread (its sessions are not shared)."""
 
-    def __init__(self, endpoint: str | None = None, timeout: float | None = None) -> None:
-        self.endpoint = endpoint or uploads_settings.INCUS_ENDPOINT
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        timeout: float | None = None,
+        *,
+        remote: str = "local",
+        cert: str | None = None,
+        key: str | None = None,
+        verify: str | bool = True,
+    ) -> None:
+        """`endpoint` is a unix socket path or an https:// URL. Over https, `cert` and `key`
+        are the client certificate Incus trusts and `verify` the server certificate to pin
+        (a path), or True to check the server against the system's CAs."""
+        self.remote = remote
         self.timeout = timeout if timeout is not None else uploads_settings.INCUS_TIMEOUT
+        if endpoint is None:
+            # The remote's own settings (the implicit "local" one is INCUS_ENDPOINT).
+            options = uploads_settings.remotes.get(remote, {})
+            endpoint = options.get("endpoint") or uploads_settings.INCUS_ENDPOINT
+            cert, key = options.get("cert", cert), options.get("key", key)
+            verify = options.get("verify", verify)
+        self.endpoint = endpoint
+        self.cert = cert
+        self.key = key
+        self.verify = verify
         self._client: pylxd.Client | None = None
+        # Pushers for the other configured remotes, made on first use.
+        self._remotes: dict[str, IncusPusher] = {}
         # (project, instance) -> idle session, least recently used first. The lock is shared
         # with the idle reaper; a session in use is never in here.
         self._sessions: OrderedDict[tuple[str, str], _Session] = OrderedDict()
@@ -499,12 +499,37 @@ class IncusPusher:
 
     # --- connection ---------------------------------------------------------------------
 
+    @classmethod
+    def for_remote(cls, name: str, timeout: float | None = None) -> "IncusPusher":
+        """A pusher for a remote named in UPLOADS['REMOTES'] (or the implicit 'local')."""
+        if name not in uploads_settings.remotes:
+            raise PermanentPushError(f"remote '{name}' is not configured on this server")
+        return cls(timeout=timeout, remote=name)
+
+    def _session_for_url(self) -> requests.Session:
+        session = get_session_for_url(
+            self.endpoint,
+            verify=self.verify,
+            cert=(self.cert, self.key) if self.cert and self.key else None,
+        )
+        # REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE in the environment would replace `verify` (and
+        # with it the pinned server certificate) on every request.
+        session.trust_env = False
+        return session
+
     def client(self) -> pylxd.Client:
         if self._client is None:
             if self._local and not os.path.exists(self.endpoint):
                 raise TransientPushError(self._missing_socket())
             try:
-                self._client = pylxd.Client(endpoint=self.endpoint, timeout=self.timeout)
+                if self._local:
+                    self._client = pylxd.Client(endpoint=self.endpoint, timeout=self.timeout)
+                else:
+                    self._client = pylxd.Client(
+                        endpoint=self.endpoint,
+                        timeout=self.timeout,
+                        session=self._session_for_url(),
+                    )
             except (ClientConnectionFailed, requests.RequestException, OSError) as exc:
                 raise TransientPushError(
                     f"cannot reach Incus at {self.endpoint}: {exc or type(exc).__name__}"
@@ -515,6 +540,9 @@ class IncusPusher:
         return f"the Incus socket {self.endpoint} does not exist (is incusd running?)"
 
     def close(self) -> None:
+        for other in self._remotes.values():
+            other.close()
+        self._remotes.clear()
         with self._lock:
             sessions = list(self._sessions.values())
             self._sessions.clear()
@@ -552,8 +580,10 @@ class IncusPusher:
     # --- SFTP sessions ------------------------------------------------------------------
 
     def _connect(self) -> socket.socket:
-        """A raw stream connection to the API (a TLS socket with the client certificate is
-        what remotes will need here)."""
+        """A raw stream connection to the API: the unix socket, or TLS with the client
+        certificate and the pinned server certificate for an https:// remote."""
+        if not self._local:
+            return self._connect_tls()
         if not os.path.exists(self.endpoint):
             raise TransientPushError(self._missing_socket())
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -565,6 +595,41 @@ class IncusPusher:
             raise TransientPushError(
                 f"cannot reach Incus at {self.endpoint}: {exc or type(exc).__name__}"
             ) from exc
+        return sock
+
+    def _connect_tls(self) -> socket.socket:
+        url = urllib.parse.urlsplit(self.endpoint)
+        host, port = url.hostname or "localhost", url.port or 8443
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        pinned: bytes | None = None
+        if isinstance(self.verify, str):
+            # Incus servers present self-signed certificates: pin the one we were given.
+            with open(self.verify) as pem:
+                pinned = ssl.PEM_cert_to_DER_cert(pem.read())
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        elif not self.verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if self.cert and self.key:
+            context.load_cert_chain(self.cert, self.key)
+        try:
+            raw = socket.create_connection((host, port), timeout=self.timeout)
+        except OSError as exc:
+            raise TransientPushError(
+                f"cannot reach Incus at {self.endpoint}: {exc or type(exc).__name__}"
+            ) from exc
+        try:
+            sock = context.wrap_socket(raw, server_hostname=host)
+        except (OSError, ssl.SSLError) as exc:
+            raw.close()
+            raise TransientPushError(f"TLS with Incus at {self.endpoint} failed: {exc}") from exc
+        if pinned is not None and sock.getpeercert(binary_form=True) != pinned:
+            sock.close()
+            raise PermanentPushError(
+                f"the server at {self.endpoint} does not present the pinned certificate "
+                f"{self.verify}"
+            )
         return sock
 
     def _open_session(self, req: PushRequest) -> _Session:
@@ -635,10 +700,14 @@ class IncusPusher:
     # --- pushing ------------------------------------------------------------------------
 
     def push(self, request: PushRequest) -> None:
-        if self._local:
-            self._push_sftp(request)
-        else:
-            self._push_files(request)
+        self._pusher_for(request.remote)._push_sftp(request)
+
+    def _pusher_for(self, remote: str) -> "IncusPusher":
+        if remote == self.remote:
+            return self
+        if remote not in self._remotes:
+            self._remotes[remote] = IncusPusher.for_remote(remote, self.timeout)
+        return self._remotes[remote]
 
     def _push_sftp(self, req: PushRequest) -> None:
         key = (req.project, req.instance)
@@ -708,100 +777,3 @@ class IncusPusher:
                 session.client.remove(path)
             except OSError:
                 pass  # already gone
-
-    # --- the files endpoint (https remotes) ---------------------------------------------
-
-    def _push_files(self, request: PushRequest) -> None:
-        try:
-            self._push_files_once(request)
-        except PushError:
-            raise
-        except (requests.ConnectionError, requests.Timeout, ConnectionError) as exc:
-            # A broken connection leaves the session in an unknown state: start afresh.
-            self.close()
-            raise TransientPushError(
-                f"connection to Incus failed: {exc or type(exc).__name__}"
-            ) from exc
-        except requests.RequestException as exc:
-            self.close()
-            raise TransientPushError(f"request to Incus failed: {exc}") from exc
-
-    def _push_files_once(self, req: PushRequest) -> None:
-        where = f"{req.instance}"
-        with open(req.source, "rb") as body:
-            try:
-                self._post_file(req, body)
-                return
-            except NotFound as exc:
-                if not self.instance_exists(req.instance, req.project):
-                    raise PermanentPushError(
-                        f"instance '{req.instance}' not found in project '{req.project}'"
-                    ) from exc
-                parent = posixpath.dirname(req.path)
-                if not req.create_dirs:
-                    raise PermanentPushError(
-                        f"parent directory {parent} does not exist in {where} (set create_dirs)"
-                    ) from exc
-            except LXDAPIException as exc:
-                raise self._classify(req, exc) from exc
-            self._make_parents(req)
-            body.seek(0)
-            try:
-                self._post_file(req, body)
-            except LXDAPIException as exc:
-                raise self._classify(req, exc) from exc
-
-    def _post_file(self, req: PushRequest, body: IO[bytes]) -> None:
-        headers = _file_headers(
-            kind="file", mode=req.mode, uid=req.uid, gid=req.gid, write="overwrite"
-        )
-        headers["Content-Type"] = "application/octet-stream"
-        headers["Content-Length"] = str(req.size)
-        self._instance_api(req.instance).files.post(
-            params={"path": req.path, "project": req.project}, data=body, headers=headers
-        )
-
-    def _make_parents(self, req: PushRequest) -> None:
-        """Create each missing parent (0755, owned like the file), like `incus file push -p`."""
-        parts = [p for p in posixpath.dirname(req.path).split("/") if p]
-        current = ""
-        for part in parts:
-            current = f"{current}/{part}"
-            headers = _file_headers(kind="directory", mode=DIR_MODE, uid=req.uid, gid=req.gid)
-            try:
-                self._instance_api(req.instance).files.post(
-                    params={"path": current, "project": req.project}, headers=headers
-                )
-            except LXDAPIException as exc:
-                raise self._classify(req, exc, path=current) from exc
-
-    def _is_directory(self, req: PushRequest, path: str) -> bool:
-        try:
-            response = self._instance_api(req.instance).files.get(
-                params={"path": path, "project": req.project}, is_api=False, stream=True
-            )
-        except LXDAPIException:
-            return False
-        with response:
-            kind = response.headers.get("X-Incus-Type") or response.headers.get("X-LXD-Type")
-        return kind == "directory"
-
-    def _classify(
-        self, req: PushRequest, exc: LXDAPIException, path: str | None = None
-    ) -> PushError:
-        path = path or req.path
-        code = _status(exc)
-        detail = str(exc)
-        if code == 404:
-            return PermanentPushError(f"{path} not found in {req.instance}: {detail}")
-        if code == 403:
-            return PermanentPushError(
-                f"permission denied writing {path} in {req.instance}: {detail}"
-            )
-        if code == 400:
-            return PermanentPushError(f"Incus refused the request for {path}: {detail}")
-        if code >= 500 and self._is_directory(req, path):
-            return PermanentPushError(f"{path} is a directory in {req.instance}")
-        if code == 503:
-            return TransientPushError(f"Incus is not ready (503): {detail}")
-        return TransientPushError(f"Incus answered {code or 'an error'} for {path}: {detail}")

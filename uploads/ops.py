@@ -37,8 +37,8 @@ def _check_spool() -> str | None:
     return None
 
 
-def _check_remote(options: dict[str, Any]) -> str | None:
-    pusher = IncusPusher(endpoint=options["endpoint"], timeout=HEALTH_TIMEOUT)
+def _check_remote(name: str) -> str | None:
+    pusher = IncusPusher.for_remote(name, timeout=HEALTH_TIMEOUT)
     try:
         return pusher.check()
     finally:
@@ -51,10 +51,7 @@ def healthz(request: HttpRequest) -> JsonResponse:
     checks: dict[str, Any] = {
         "database": _check_database() or "ok",
         "spool": _check_spool() or "ok",
-        "incus": {
-            name: _check_remote(options) or "ok"
-            for name, options in uploads_settings.remotes.items()
-        },
+        "incus": {name: _check_remote(name) or "ok" for name in uploads_settings.remotes},
     }
     healthy = (
         checks["database"] == "ok"

@@ -85,6 +85,10 @@ class UpgradedSocket:
         """Whether a reply is waiting (paramiko then collects pipelined write replies)."""
         if self._buffered:
             return True
+        # A TLS socket may hold decrypted bytes that poll() cannot see.
+        pending = getattr(self._sock, "pending", None)
+        if pending is not None and pending() > 0:
+            return True
         # poll(), unlike select(), works for descriptors above 1024; a peek would wait for the
         # socket's timeout first.
         return bool(self._poll.poll(0))

@@ -157,6 +157,7 @@ UPLOADS = {
     "TOKEN_TTL_SECONDS": env.int("UPLOADS_TOKEN_TTL_SECONDS", default=None),
     "BODY_READ_TIMEOUT": env.float("UPLOADS_BODY_READ_TIMEOUT", default=60.0),
     "VERIFY_SHA256": env.bool("UPLOADS_VERIFY_SHA256", default=False),
+    "REMOTES": env.json("UPLOADS_REMOTES", default=None),
 }
 
 # Behind HTTPS (set DJANGO_HTTPS=true in production): secure cookies, redirects and HSTS.
