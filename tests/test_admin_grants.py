@@ -342,7 +342,7 @@ class TestAuditList:
             reason="<b>nope</b>",
             via="admin",
         )
-        response = admin_client.get(AUDIT)
+        response = admin_client.get(AUDIT + "?action=retry")
         [cells] = body_rows(response)
         assert '<td class="field-username">alice</td>' in cells
         assert '<td class="field-action">retry</td>' in cells

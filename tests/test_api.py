@@ -217,6 +217,25 @@ class TestBadInput:
         assert "detail" in response.json()
         assert_nothing_queued(spool)
 
+    def test_database_failure_after_the_insert_queues_nothing(
+        self, api: APIClient, spool: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Injected fault (a real database cannot be made to fail between two statements on
+        # demand): the audit write that follows the task's INSERT fails. The client hears 503
+        # and must find nothing queued, or its resend would be delivered twice.
+        from django.db import OperationalError
+
+        from uploads.models import AuditEvent
+
+        def lost_connection(*args: Any, **kwargs: Any) -> None:
+            raise OperationalError("server closed the connection unexpectedly")
+
+        monkeypatch.setattr(AuditEvent.objects, "create", lost_connection)
+        response = raw_upload(api)
+        assert response.status_code == 503
+        assert "detail" in response.json()
+        assert_nothing_queued(spool)
+
     def test_full_queue_is_503_with_retry_after(
         self, api: APIClient, spool: Path, settings: Any, user: Any
     ) -> None:

@@ -337,19 +337,11 @@ class UploadViewSet(
         else:
             params, spooled = self._receive_raw(request)
         owner = cast(User, request.user)  # IsAuthenticated has run
-        task = services.upload_create(owner=owner, spooled=spooled, **params)
+        task = services.upload_create(
+            owner=owner, spooled=spooled, source=_source(request), **params
+        )
         metrics.UPLOADS_ACCEPTED.inc()
         metrics.UPLOAD_BYTES.inc(task.size)
-        services.audit(
-            action="upload",
-            outcome="accepted",
-            user=owner,
-            source=_source(request),
-            task_id=task.pk,
-            instance=f"{task.remote}:{task.project}/{task.instance}",
-            path=task.path,
-            size=task.size,
-        )
         body = self.get_serializer(task).data
         location = reverse("upload-detail", args=[task.pk])
         return Response(body, status=status.HTTP_202_ACCEPTED, headers={"Location": location})

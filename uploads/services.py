@@ -114,8 +114,14 @@ def upload_create(
     uid: int | None = None,
     gid: int | None = None,
     create_dirs: bool = False,
+    source: str | None = None,
 ) -> UploadTask:
-    """Queue a spooled file for delivery. On any failure the spool file is deleted."""
+    """Queue a spooled file for delivery. On any failure the spool file is deleted.
+
+    The task, its audit record and the wake-up commit together: once this returns nothing
+    else touches the database, so a client never hears an error for an upload that was
+    in fact queued (it would send it again and get it delivered twice).
+    """
     try:
         with transaction.atomic():
             task = UploadTask.objects.create(
@@ -133,6 +139,16 @@ def upload_create(
                 create_dirs=create_dirs,
                 spool_name=spooled.name,
                 max_attempts=uploads_settings.MAX_ATTEMPTS,
+            )
+            audit(
+                action="upload",
+                outcome="accepted",
+                user=owner,
+                source=source,
+                task_id=task.pk,
+                instance=f"{remote}:{project}/{container}",
+                path=path,
+                size=spooled.size,
             )
             _notify_workers()
     except BaseException:
@@ -158,17 +174,21 @@ def upload_retry(
     """
     try:
         _check_retryable(task)
-        now = timezone.now()
-        updated = UploadTask.objects.filter(
-            pk=task.pk, status__in=[Status.FAILED, Status.CANCELLED]
-        ).update(
-            status=Status.PENDING,
-            next_attempt_at=now,
-            finished_at=None,
-            max_attempts=Greatest(F("max_attempts"), F("attempts") + 1),
-        )
-        if not updated:
-            raise TaskStateError("the upload changed state meanwhile; reload it")
+        with transaction.atomic():
+            updated = UploadTask.objects.filter(
+                pk=task.pk, status__in=[Status.FAILED, Status.CANCELLED]
+            ).update(
+                status=Status.PENDING,
+                next_attempt_at=timezone.now(),
+                finished_at=None,
+                max_attempts=Greatest(F("max_attempts"), F("attempts") + 1),
+            )
+            if not updated:
+                raise TaskStateError("the upload changed state meanwhile; reload it")
+            audit(
+                action="retry", outcome="done", user=actor, source=source, task_id=task.pk, via=via
+            )
+            _notify_workers()
     except (TaskStateError, SpoolFileMissing, NotGranted) as exc:
         audit(
             action="retry",
@@ -180,9 +200,7 @@ def upload_retry(
             reason=str(exc),
         )
         raise
-    _notify_workers()
     task.refresh_from_db()
-    audit(action="retry", outcome="done", user=actor, source=source, task_id=task.pk, via=via)
     logger.info("task=%s retried by hand", task.pk)
     return task
 
@@ -203,9 +221,14 @@ def upload_cancel(
     *, task: UploadTask, actor: Any = None, source: str | None = None, via: str = "api"
 ) -> UploadTask:
     """Pending → cancelled, and the spool file is removed. Audited either way."""
-    updated = UploadTask.objects.filter(pk=task.pk, status=Status.PENDING).update(
-        status=Status.CANCELLED, finished_at=timezone.now()
-    )
+    with transaction.atomic():
+        updated = UploadTask.objects.filter(pk=task.pk, status=Status.PENDING).update(
+            status=Status.CANCELLED, finished_at=timezone.now()
+        )
+        if updated:
+            audit(
+                action="cancel", outcome="done", user=actor, source=source, task_id=task.pk, via=via
+            )
     if not updated:
         task.refresh_from_db(fields=["status"])
         reason = f"only pending uploads can be cancelled (this one is {task.status})"
@@ -221,7 +244,6 @@ def upload_cancel(
         raise TaskStateError(reason)
     spool.remove(task.spool_name)
     task.refresh_from_db()
-    audit(action="cancel", outcome="done", user=actor, source=source, task_id=task.pk, via=via)
     logger.info("task=%s cancelled", task.pk)
     return task
 
