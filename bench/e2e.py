@@ -1,0 +1,580 @@
+"""Benchmark 2, end to end: uploads that land in the running container `uploadsvc-run`.
+
+Per database, with gunicorn and `run_push_workers` (the Incus pusher, --push-threads threads), and
+for the Go reference (its goroutines POST to the Incus files endpoint):
+
+- small: M × 1 KiB from 16 clients; files landed per second, from the first request sent to the
+  last push finished (the task's finished_at, or the reference's last push), checked by counting
+  the files in the container;
+- big: one 1 GiB upload (64 MiB with --quick), upload-to-landed time, split into upload, wait and
+  push; `incus file push` of the same file is the yardstick for the push;
+- idle: uploads one at a time with random gaps; 202 → push start (UploadTask.started_at, the
+  claim, minus the time the client had the 202) p50/p99, and row created → claim (server clock
+  only). The first can be negative: a NOTIFY is sent on commit, before the 202 is written.
+  PostgreSQL workers are woken by LISTEN/NOTIFY, SQLite workers poll.
+
+Every phase starts fresh processes on an emptied queue; the files are removed from the container
+afterwards.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from bench.client import Connection, big_upload, run_load, upload_request
+from bench.common import (
+    CONTAINER,
+    MIB,
+    Check,
+    Context,
+    Database,
+    Gunicorn,
+    PushWorkers,
+    dbtool,
+    empty_dir,
+    in_container,
+    incus,
+    log,
+    percentile,
+    ratio_check,
+    running,
+    service_env,
+    table,
+    write_result,
+)
+from bench.profiling import Profiler, format_summary, summarize
+from bench.reference import GoRef
+
+START_LIMIT_MS = 50.0
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _prepare_dir(ctx: Context, name: str) -> str:
+    path = f"{ctx.container_dir}/{name}"
+    in_container("mkdir", "-p", path)
+    return path
+
+
+def _count_in_container(path: str, prefix: str) -> int:
+    out = in_container("sh", "-c", f"ls {path} | grep -c '^{prefix}' || true")
+    return int(out.strip() or 0)
+
+
+def _size_in_container(path: str) -> int:
+    return int(in_container("stat", "-c", "%s", path).strip())
+
+
+def _wait_until(
+    probe: Callable[[], bool], *, timeout: float, interval: float = 0.05, what: str = ""
+) -> float:
+    """Poll until probe() is true; the time.time() it first was. Raises after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if probe():
+            return time.time()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+class OursProbe:
+    """Counts of tasks by status, read straight from the database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.conn = db.connect()
+
+    def counts(self) -> dict[str, int]:
+        return self.db.status_counts(self.conn)
+
+    def done(self, total: int) -> bool:
+        counts = self.counts()
+        finished = counts.get("succeeded", 0) + counts.get("failed", 0)
+        return finished >= total
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@contextmanager
+def _ours(ctx: Context, db: Database, phase: str) -> Iterator[tuple[Gunicorn, PushWorkers]]:
+    dbtool(db, ctx.workdir, "reset")
+    spool = ctx.workdir / f"spool-e2e-{db.name}-{phase}"
+    empty_dir(spool)
+    env = service_env(db, spool, ctx.workdir)
+    logs = ctx.workdir / f"e2e-{db.name}-{phase}"
+    server = Gunicorn(
+        env,
+        workers=ctx.cfg.web_workers,
+        threads=ctx.cfg.web_threads,
+        log_path=logs.with_suffix(".gunicorn.log"),
+    )
+    workers = PushWorkers(
+        env, threads=ctx.cfg.push_threads, log_path=logs.with_suffix(".workers.log")
+    )
+    with running(server, workers):
+        yield server, workers
+    empty_dir(spool)
+
+
+@contextmanager
+def _go(ctx: Context, phase: str) -> Iterator[GoRef]:
+    assert ctx.go_binary is not None
+    spool = ctx.workdir / f"spool-e2e-go-{phase}"
+    empty_dir(spool)
+    server = GoRef(
+        ctx.go_binary,
+        spool,
+        workers=ctx.cfg.push_threads,
+        push=True,
+        log_path=ctx.workdir / f"e2e-go-{phase}.log",
+    )
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        empty_dir(spool)
+
+
+def _one_upload(port: int, token: str | None, path: str, body: bytes) -> tuple[float, Any]:
+    conn = Connection(port)
+    try:
+        response = conn.request(
+            upload_request(port=port, token=token, container=CONTAINER, path=path, body=body)
+        )
+    finally:
+        conn.close()
+    answered = time.time()
+    if response.status != 202:
+        raise RuntimeError(f"upload answered {response.status}: {response.body[:300]!r}")
+    data = response.json() if response.headers.get("content-type", "").startswith("appl") else {}
+    return answered, data
+
+
+# --- small files ---------------------------------------------------------------------------
+
+
+def _small_requests(ctx: Context, port: int, token: str | None, directory: str) -> list[bytes]:
+    body = os.urandom(ctx.cfg.small_size)
+    return [
+        upload_request(
+            port=port, token=token, container=CONTAINER, path=f"{directory}/f-{n:06d}", body=body
+        )
+        for n in range(ctx.cfg.e2e_count)
+    ]
+
+
+def _small_ours(ctx: Context, db: Database) -> dict[str, Any]:
+    log(f"e2e small files: uploadsvc on {db.name}")
+    cfg = ctx.cfg
+    directory = _prepare_dir(ctx, f"{db.name}-small")
+    token = ctx.tokens[db.name]
+    with _ours(ctx, db, "small") as (server, workers):
+        probe = OursProbe(db)
+        try:
+            _one_upload(server.port, token, f"{directory}/warm", b"warm")
+            _wait_until(lambda: probe.done(1), timeout=60, what="the warm-up push")
+            profiler = None
+            if cfg.profile and db.name == "postgres":
+                profiler = Profiler(
+                    workers.pids()[0], ctx.profile_path(f"e2e-workers-{db.name}")
+                ).start()
+            requests = _small_requests(ctx, server.port, token, directory)
+            load = run_load(
+                server.port, requests, concurrency=cfg.clients, timeout=cfg.load_timeout
+            )
+            _wait_until(
+                lambda: probe.done(1 + load.ok),
+                timeout=cfg.load_timeout,
+                what=f"{load.ok} pushes",
+            )
+            if profiler is not None:
+                _record_profile(ctx, profiler, f"e2e push workers ({db.name})")
+            counts = probe.counts()
+        finally:
+            probe.close()
+    summary = dbtool(db, ctx.workdir, "summary")
+    elapsed = summary["last_finished"] - load.started_wall
+    landed = _count_in_container(directory, "f-")
+    if summary["errors"]:
+        log(f"e2e small files on {db.name}: errors {summary['errors']}")
+    return {
+        "uploads": load.summary(),
+        "counts": counts,
+        "errors": summary["errors"],
+        "landed_in_container": landed,
+        "seconds": elapsed,
+        "landed_per_s": load.ok / elapsed if elapsed > 0 else None,
+    }
+
+
+def _small_go(ctx: Context) -> dict[str, Any]:
+    log("e2e small files: Go reference")
+    cfg = ctx.cfg
+    directory = _prepare_dir(ctx, "go-small")
+    with _go(ctx, "small") as server:
+        _one_upload(server.port, None, f"{directory}/warm", b"warm")
+        _wait_until(lambda: _go_done(server, 1), timeout=60, what="the warm-up push")
+        requests = _small_requests(ctx, server.port, None, directory)
+        load = run_load(server.port, requests, concurrency=cfg.clients, timeout=cfg.load_timeout)
+        _wait_until(
+            lambda: _go_done(server, 1 + load.ok), timeout=cfg.load_timeout, what="Go pushes"
+        )
+        stats = server.stats()
+    elapsed = stats["last_done_ns"] / 1e9 - load.started_wall
+    landed = _count_in_container(directory, "f-")
+    return {
+        "uploads": load.summary(),
+        "counts": {"succeeded": stats["pushed"], "failed": stats["failed"]},
+        "landed_in_container": landed,
+        "seconds": elapsed,
+        "landed_per_s": load.ok / elapsed if elapsed > 0 else None,
+    }
+
+
+def _go_done(server: GoRef, total: int) -> bool:
+    stats = server.stats()
+    return int(stats["pushed"]) + int(stats["failed"]) >= total
+
+
+def _record_profile(ctx: Context, profiler: Profiler, title: str) -> None:
+    path = profiler.stop()
+    if path is None:
+        ctx.profiles.append({"title": title, "error": profiler.error})
+        return
+    summary = summarize(path)
+    ctx.profiles.append({"title": title, **summary})
+    print(format_summary(title, summary))
+
+
+# --- one big file -------------------------------------------------------------------------
+
+
+def _big_ours(ctx: Context, db: Database) -> dict[str, Any]:
+    log(f"e2e big file: uploadsvc on {db.name}")
+    directory = _prepare_dir(ctx, f"{db.name}-big")
+    source = ctx.big_file()
+    target = f"{directory}/big.bin"
+    with _ours(ctx, db, "big") as (server, _workers):
+        probe = OursProbe(db)
+        try:
+            head = upload_request(
+                port=server.port,
+                token=ctx.tokens[db.name],
+                container=CONTAINER,
+                path=target,
+                length=source.stat().st_size,
+            )
+            os.sync()
+            upload = big_upload(server.port, head, source)
+            if upload.status != 202:
+                raise RuntimeError(f"big upload answered {upload.status}")
+            _wait_until(lambda: probe.done(1), timeout=600, interval=0.02, what="the big push")
+        finally:
+            probe.close()
+    task = dbtool(db, ctx.workdir, "summary", "--tasks")["tasks"][0]
+    size = _size_in_container(target)
+    in_container("rm", "-f", target)
+    return {
+        "status": task["status"],
+        "bytes": upload.size,
+        "landed_size": size,
+        "upload_s": upload.seconds,
+        "wait_s": task["started"] - upload.answered_wall,
+        "push_s": task["attempt_finished"] - task["attempt_started"],
+        "landed_s": task["finished"] - upload.started_wall,
+    }
+
+
+def _big_go(ctx: Context) -> dict[str, Any]:
+    log("e2e big file: Go reference")
+    directory = _prepare_dir(ctx, "go-big")
+    source = ctx.big_file()
+    target = f"{directory}/big.bin"
+    with _go(ctx, "big") as server:
+        head = upload_request(
+            port=server.port,
+            token=None,
+            container=CONTAINER,
+            path=target,
+            length=source.stat().st_size,
+        )
+        os.sync()
+        upload = big_upload(server.port, head, source)
+        if upload.status != 202:
+            raise RuntimeError(f"big upload answered {upload.status}")
+        _wait_until(lambda: _go_done(server, 1), timeout=600, interval=0.02, what="Go's push")
+        stats = server.stats()
+    size = _size_in_container(target)
+    in_container("rm", "-f", target)
+    done = stats["last_done_ns"] / 1e9
+    wait = stats["wait_p50_ms"] / 1000
+    return {
+        "status": "succeeded" if stats["pushed"] == 1 else "failed",
+        "bytes": upload.size,
+        "landed_size": size,
+        "upload_s": upload.seconds,
+        "wait_s": wait,
+        "push_s": done - upload.answered_wall - wait,
+        "landed_s": done - upload.started_wall,
+    }
+
+
+def _big_cli(ctx: Context, tag: str) -> dict[str, Any]:
+    """`incus file push` of the same file, right after a variant's own push (pairs them up:
+    the container's filesystem is in the same state for both)."""
+    log("e2e big file: incus file push")
+    directory = _prepare_dir(ctx, f"cli-big-{tag}")
+    source = ctx.big_file()
+    target = f"{directory}/big.bin"
+    os.sync()
+    began = time.perf_counter()
+    incus("file", "push", str(source), f"{CONTAINER}{target}")
+    seconds = time.perf_counter() - began
+    size = _size_in_container(target)
+    in_container("rm", "-f", target)
+    return {"bytes": source.stat().st_size, "landed_size": size, "push_s": seconds}
+
+
+# --- idle latency -------------------------------------------------------------------------
+
+
+def _gaps(ctx: Context) -> list[float]:
+    rng = random.Random(ctx.cfg.run_id)
+    return [rng.uniform(0.2, 0.6) for _ in range(ctx.cfg.idle_count)]
+
+
+def _idle_ours(ctx: Context, db: Database) -> dict[str, Any]:
+    log(f"e2e idle latency: uploadsvc on {db.name}")
+    directory = _prepare_dir(ctx, f"{db.name}-idle")
+    answered: dict[str, float] = {}
+    with _ours(ctx, db, "idle") as (server, _workers):
+        probe = OursProbe(db)
+        try:
+            time.sleep(1.0)  # the workers are up and idle
+            for n, gap in enumerate(_gaps(ctx)):
+                at, data = _one_upload(
+                    server.port, ctx.tokens[db.name], f"{directory}/i-{n:04d}", b"x" * 1024
+                )
+                answered[str(data["id"])] = at
+                _wait_until(
+                    functools.partial(probe.done, n + 1),
+                    timeout=60,
+                    interval=0.005,
+                    what="an idle push",
+                )
+                time.sleep(gap)
+        finally:
+            probe.close()
+    tasks = dbtool(db, ctx.workdir, "summary", "--tasks")["tasks"]
+    mine = [t for t in tasks if t["id"] in answered]
+    starts = [(t["started"] - answered[t["id"]]) * 1000 for t in mine]
+    queued = [(t["started"] - t["created"]) * 1000 for t in mine]
+    lands = [(t["finished"] - answered[t["id"]]) * 1000 for t in mine]
+    return {
+        "uploads": len(answered),
+        "start_p50_ms": percentile(starts, 0.5),
+        "start_p99_ms": percentile(starts, 0.99),
+        "queued_start_p50_ms": percentile(queued, 0.5),
+        "queued_start_p99_ms": percentile(queued, 0.99),
+        "landed_p50_ms": percentile(lands, 0.5),
+        "landed_p99_ms": percentile(lands, 0.99),
+        "starts_ms": starts,
+    }
+
+
+def _idle_go(ctx: Context) -> dict[str, Any]:
+    log("e2e idle latency: Go reference")
+    directory = _prepare_dir(ctx, "go-idle")
+    lands: list[float] = []
+    with _go(ctx, "idle") as server:
+        for n, gap in enumerate(_gaps(ctx)):
+            at, _ = _one_upload(server.port, None, f"{directory}/i-{n:04d}", b"x" * 1024)
+            _wait_until(
+                functools.partial(_go_done, server, n + 1),
+                timeout=60,
+                interval=0.005,
+                what="an idle push",
+            )
+            lands.append((server.stats()["last_done_ns"] / 1e9 - at) * 1000)
+            time.sleep(gap)
+        stats = server.stats()
+    return {
+        "uploads": len(lands),
+        "start_p50_ms": None,
+        "start_p99_ms": None,
+        "queued_start_p50_ms": stats["wait_p50_ms"],
+        "queued_start_p99_ms": stats["wait_p99_ms"],
+        "landed_p50_ms": percentile(lands, 0.5),
+        "landed_p99_ms": percentile(lands, 0.99),
+    }
+
+
+# --- the benchmark ------------------------------------------------------------------------
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    cfg = ctx.cfg
+    results: dict[str, dict[str, Any]] = {}
+    for name, db in ctx.databases.items():
+        results[name] = {
+            "small": _small_ours(ctx, db),
+            "big": _big_ours(ctx, db),
+            "cli": _big_cli(ctx, name),
+            "idle": _idle_ours(ctx, db),
+        }
+    if ctx.go_binary is not None:
+        results["go"] = {
+            "small": _small_go(ctx),
+            "big": _big_go(ctx),
+            "cli": _big_cli(ctx, "go"),
+            "idle": _idle_go(ctx),
+        }
+
+    def label(variant: str) -> str:
+        return "Go reference" if variant == "go" else f"uploadsvc/{variant}"
+
+    print(
+        table(
+            f"end to end: {cfg.e2e_count:,} × {cfg.small_size} B from {cfg.clients} clients "
+            f"into {CONTAINER} ({cfg.push_threads} push threads)",
+            ["server", "landed/s", "seconds", "accepted/s", "202 p50 ms", "202 p99 ms", "in ctr"],
+            [
+                [
+                    label(v),
+                    r["small"]["landed_per_s"],
+                    r["small"]["seconds"],
+                    r["small"]["uploads"]["rate_per_s"],
+                    r["small"]["uploads"]["p50_ms"],
+                    r["small"]["uploads"]["p99_ms"],
+                    r["small"]["landed_in_container"],
+                ]
+                for v, r in results.items()
+            ],
+        )
+    )
+    size = cfg.big_size
+    mb = size / 1e6
+    big_rows = [
+        [
+            label(v),
+            r["big"]["landed_s"],
+            r["big"]["upload_s"],
+            r["big"]["wait_s"],
+            r["big"]["push_s"],
+            mb / r["big"]["push_s"],
+            r["cli"]["push_s"],
+            mb / r["cli"]["push_s"],
+            r["big"]["landed_size"] == size and r["cli"]["landed_size"] == size,
+        ]
+        for v, r in results.items()
+    ]
+    print(
+        table(
+            f"end to end: one {size // MIB} MiB file (then `incus file push` of it, right after)",
+            [
+                "server",
+                "landed s",
+                "upload s",
+                "wait s",
+                "push s",
+                "push MB/s",
+                "CLI push s",
+                "CLI MB/s",
+                "size ok",
+            ],
+            big_rows,
+        )
+    )
+    print(
+        table(
+            f"end to end at idle: {cfg.idle_count} uploads one at a time (202 → push start)",
+            [
+                "server",
+                "202→start p50 ms",
+                "p99 ms",
+                "queued→start p50 ms",
+                "p99 ms",
+                "202→landed p50 ms",
+                "p99 ms",
+            ],
+            [
+                [
+                    label(v)
+                    + (" (LISTEN/NOTIFY)" if v == "postgres" else "")
+                    + (" (polling)" if v == "sqlite" else ""),
+                    r["idle"]["start_p50_ms"],
+                    r["idle"]["start_p99_ms"],
+                    r["idle"]["queued_start_p50_ms"],
+                    r["idle"]["queued_start_p99_ms"],
+                    r["idle"]["landed_p50_ms"],
+                    r["idle"]["landed_p99_ms"],
+                ]
+                for v, r in results.items()
+            ],
+        )
+    )
+
+    go = results.get("go")
+    missing = ctx.missing.get("go", "")
+    for name in ctx.databases:
+        ours = results[name]
+        ctx.checks.append(
+            ratio_check(
+                "e2e small files landed/s ≥ 1.0× Go",
+                name,
+                ours["small"]["landed_per_s"],
+                go["small"]["landed_per_s"] if go else None,
+                unit="files/s",
+                at_least=1.0,
+                note=missing,
+            )
+        )
+        ctx.checks.append(
+            ratio_check(
+                "1 GiB push MB/s ≥ incus file push",
+                name,
+                mb / ours["big"]["push_s"],
+                mb / ours["cli"]["push_s"],
+                unit="MB/s",
+                at_least=1.0,
+                note="CLI run right after"
+                + ("" if size >= 1024 * MIB else f"; {size // MIB} MiB (--quick)"),
+            )
+        )
+        big_check = ratio_check(
+            "1 GiB upload-to-landed MB/s vs Go",
+            name,
+            mb / ours["big"]["landed_s"],
+            mb / go["big"]["landed_s"] if go else None,
+            unit="MB/s",
+            at_least=0.0,
+            note=missing or "no target: for the ratio",
+        )
+        big_check.passed = None
+        ctx.checks.append(big_check)
+        p50 = ours["idle"]["start_p50_ms"]
+        ctx.checks.append(
+            Check(
+                f"push-start p50 < {START_LIMIT_MS:.0f} ms at idle",
+                name,
+                p50,
+                "ms",
+                reference=go["idle"]["queued_start_p50_ms"] if go else None,
+                passed=p50 < START_LIMIT_MS if p50 is not None else None,
+                note=("LISTEN/NOTIFY" if name == "postgres" else "polling (1 s ± 20 %)")
+                + f"; row created→claim p50 {ours['idle']['queued_start_p50_ms']:.1f} ms",
+            )
+        )
+    payload = {"name": "e2e", "config": cfg.as_dict(), "results": results}
+    path = write_result("e2e", ctx.stamp, payload)
+    log(f"e2e results: {path}")
+    return payload
