@@ -297,7 +297,8 @@ def claim_tasks(*, worker_id: str, limit: int) -> list[Claim]:
             worker_id=worker_id,
             started_at=now,
         )
-        tasks = list(UploadTask.objects.filter(claim_token=token))
+        # The owner comes along: the worker re-checks the owner's grants before each push.
+        tasks = list(UploadTask.objects.select_related("owner").filter(claim_token=token))
         attempts = UploadAttempt.objects.bulk_create(
             UploadAttempt(
                 task=task,

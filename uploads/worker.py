@@ -185,7 +185,6 @@ class Worker:
             connections.close_all()
 
     def _process(self, pusher: Pusher, claim: services.Claim) -> None:
-        close_old_connections()
         task = claim.task
         started = time.monotonic()
         request = PushRequest(
