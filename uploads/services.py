@@ -21,7 +21,7 @@ from django.db.models import F, Q
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
-from uploads import spool
+from uploads import spool, wakeup
 from uploads.conf import uploads_settings
 from uploads.models import (
     FINISHED,
@@ -95,10 +95,13 @@ def audit(
 
 def _notify_workers() -> None:
     # On PostgreSQL a NOTIFY is delivered when the transaction commits, so workers listening
-    # on the channel wake at once; polling remains the path that guarantees progress.
+    # on the channel wake at once; on SQLite the wake-up pipe is rung once the commit is done.
+    # Polling remains the path that guarantees progress.
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_notify(%s, '')", [NOTIFY_CHANNEL])
+    else:
+        transaction.on_commit(wakeup.ring)
 
 
 def upload_create(

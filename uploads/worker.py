@@ -3,8 +3,9 @@
 The main thread claims (one short transaction per batch) and hands each claim to one of N
 long-lived push threads, each with its own pusher (pylxd sessions are not thread-safe) and its
 own database connection, which it closes when it ends. The main thread then sleeps until a slot
-frees, a PostgreSQL NOTIFY arrives or the poll interval passes. A heartbeat thread renews the
-leases of what is in flight; expired leases of dead workers are reaped by the loop itself.
+frees, a PostgreSQL NOTIFY or a ring on the SQLite wake-up pipe (uploads.wakeup) arrives, or
+the poll interval passes. A heartbeat thread renews the leases of what is in flight; expired
+leases of dead workers are reaped by the loop itself.
 The first SIGTERM/SIGINT drains, a second one releases what is in flight and exits.
 """
 
@@ -19,12 +20,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from django.db import close_old_connections, connection, connections
 
-from uploads import metrics, selectors, services
+from uploads import metrics, selectors, services, wakeup
 from uploads.conf import uploads_settings
 from uploads.pushers import Pusher, PushError, PushRequest, build_pusher
 from uploads.spool import spool_path
@@ -113,6 +115,10 @@ class Worker:
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         if not self.burst and connection.vendor == "postgresql":
             threading.Thread(target=self._listen_loop, name="listen", daemon=True).start()
+        elif not self.burst and (pipe := wakeup.pipe_path()) is not None:
+            threading.Thread(
+                target=self._doorbell_loop, args=(pipe,), name="doorbell", daemon=True
+            ).start()
         try:
             self._loop()
             return self._drain(pool)
@@ -152,7 +158,7 @@ class Worker:
             close_old_connections()
             if self.burst and not claims and not self._in_flight:
                 return
-            # Sleep until a push ends, a NOTIFY arrives or the poll is due.
+            # Sleep until a push ends, a NOTIFY or a ring arrives, or the poll is due.
             self._wake.wait(self.poll_interval * random.uniform(0.8, 1.2))  # noqa: S311
 
     def _claim(self, limit: int) -> list[services.Claim]:
@@ -286,6 +292,17 @@ class Worker:
             except Exception as exc:
                 logger.warning("LISTEN connection failed (%s); polling meanwhile", exc)
                 self._stopping.wait(self.poll_interval * 5)
+
+    def _doorbell_loop(self, pipe: Path) -> None:
+        try:
+            bell = wakeup.Doorbell(pipe)
+        except OSError as exc:
+            logger.warning("no wake-up pipe at %s (%s); polling only", pipe, exc)
+            return
+        with bell:
+            while not self._stopping.is_set():
+                if bell.wait(timeout=1.0):
+                    self._wake.set()
 
     # --- shutdown -----------------------------------------------------------------------
 
