@@ -10,8 +10,8 @@ for the Go reference (its goroutines POST to the Incus files endpoint):
   push; `incus file push` of the same file is the yardstick for the push;
 - idle: uploads one at a time with random gaps; 202 → push start (UploadTask.started_at, the
   claim, minus the time the client had the 202) p50/p99, and row created → claim (server clock
-  only). The first can be negative: a NOTIFY is sent on commit, before the 202 is written.
-  PostgreSQL workers are woken by LISTEN/NOTIFY, SQLite workers poll.
+  only). The first can be negative: the wake-up is sent on commit, before the 202 is written.
+  PostgreSQL workers are woken by LISTEN/NOTIFY, SQLite workers by the wake-up pipe.
 
 Every phase starts fresh processes on an emptied queue; the files are removed from the container
 afterwards.
@@ -510,7 +510,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 [
                     label(v)
                     + (" (LISTEN/NOTIFY)" if v == "postgres" else "")
-                    + (" (polling)" if v == "sqlite" else ""),
+                    + (" (wake-up pipe)" if v == "sqlite" else ""),
                     r["idle"]["start_p50_ms"],
                     r["idle"]["start_p99_ms"],
                     r["idle"]["queued_start_p50_ms"],
@@ -570,7 +570,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 "ms",
                 reference=go["idle"]["queued_start_p50_ms"] if go else None,
                 passed=p50 < START_LIMIT_MS if p50 is not None else None,
-                note=("LISTEN/NOTIFY" if name == "postgres" else "polling (1 s ± 20 %)")
+                note=("LISTEN/NOTIFY" if name == "postgres" else "wake-up pipe")
                 + f"; row created→claim p50 {ours['idle']['queued_start_p50_ms']:.1f} ms",
             )
         )
