@@ -48,7 +48,8 @@ from bench.common import (
     table,
     write_result,
 )
-from bench.profiling import Profiler, format_summary, summarize
+from bench.profiling import Profiler
+from bench.profiling import record as record_profile
 from bench.reference import GoRef
 
 START_LIMIT_MS = 50.0
@@ -197,7 +198,7 @@ def _small_ours(ctx: Context, db: Database) -> dict[str, Any]:
                 what=f"{load.ok} pushes",
             )
             if profiler is not None:
-                _record_profile(ctx, profiler, f"e2e push workers ({db.name})")
+                record_profile(ctx.profiles, profiler, f"e2e push workers ({db.name})")
             counts = probe.counts()
         finally:
             probe.close()
@@ -243,16 +244,6 @@ def _small_go(ctx: Context) -> dict[str, Any]:
 def _go_done(server: GoRef, total: int) -> bool:
     stats = server.stats()
     return int(stats["pushed"]) + int(stats["failed"]) >= total
-
-
-def _record_profile(ctx: Context, profiler: Profiler, title: str) -> None:
-    path = profiler.stop()
-    if path is None:
-        ctx.profiles.append({"title": title, "error": profiler.error})
-        return
-    summary = summarize(path)
-    ctx.profiles.append({"title": title, **summary})
-    print(format_summary(title, summary))
 
 
 # --- one big file -------------------------------------------------------------------------

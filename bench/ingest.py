@@ -34,7 +34,8 @@ from bench.common import (
     table,
     write_result,
 )
-from bench.profiling import Profiler, format_summary, summarize
+from bench.profiling import Profiler
+from bench.profiling import record as record_profile
 from bench.reference import GoRef
 
 RSS_LIMIT_MIB = 64.0
@@ -107,7 +108,7 @@ def _measure(
     with RssSampler(pids) as sampler:
         big = big_upload(port, head, source)
     if big_profiler is not None:
-        _record_profile(ctx, big_profiler, f"{profile[1] if profile else ''} big upload")
+        record_profile(ctx.profiles, big_profiler, f"{profile[1] if profile else ''} big upload")
     if big.status != 202:
         raise RuntimeError(f"big upload answered {big.status}: {big.body[:300]!r}")
     rss = sampler.report()
@@ -120,7 +121,7 @@ def _measure(
     with CpuMeter(pids) as cpu:
         small = run_load(port, requests, concurrency=cfg.clients, timeout=cfg.load_timeout)
     if profiler is not None:
-        _record_profile(ctx, profiler, profile[1] if profile else "")
+        record_profile(ctx.profiles, profiler, profile[1] if profile else "")
     return {
         "big": {
             "bytes": big.size,
@@ -131,16 +132,6 @@ def _measure(
         },
         "small": {**small.summary(), **cpu.result},
     }
-
-
-def _record_profile(ctx: Context, profiler: Profiler, title: str) -> None:
-    path = profiler.stop()
-    if path is None:
-        ctx.profiles.append({"title": title, "error": profiler.error})
-        return
-    summary = summarize(path)
-    ctx.profiles.append({"title": title, **summary})
-    print(format_summary(title, summary))
 
 
 def _ours(ctx: Context, db: Database) -> dict[str, Any]:

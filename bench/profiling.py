@@ -160,3 +160,14 @@ def format_summary(title: str, summary: dict[str, Any]) -> str:
     for row in summary["self"][:10]:
         lines.append(f"   {row['share'] * 100:5.1f}%  {row['function']}")
     return "\n".join(lines)
+
+
+def record(profiles: list[dict[str, Any]], profiler: Profiler, title: str) -> None:
+    """Stop a profiler, keep its summary (or why it failed) for the run's JSON, and print it."""
+    path = profiler.stop()
+    if path is None:
+        profiles.append({"title": title, "error": profiler.error})
+        return
+    summary = summarize(path)
+    profiles.append({"title": title, **summary})
+    print(format_summary(title, summary))

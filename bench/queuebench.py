@@ -28,7 +28,8 @@ from bench.common import (
     table,
     write_result,
 )
-from bench.profiling import Profiler, format_summary, summarize
+from bench.profiling import Profiler
+from bench.profiling import record as record_profile
 
 TARGET_PER_S = 2000.0
 NULL_PUSHER = "uploads.pushers.NullPusher"
@@ -70,13 +71,7 @@ def _run_once(ctx: Context, db: Database, processes: int) -> dict[str, Any]:
     finished = workers.wait(cfg.queue_timeout)
     codes = workers.stop()
     if profiler is not None:
-        path = profiler.stop()
-        if path is None:
-            ctx.profiles.append({"title": title, "error": profiler.error})
-        else:
-            summary = summarize(path)
-            ctx.profiles.append({"title": title, **summary})
-            print(format_summary(title, summary))
+        record_profile(ctx.profiles, profiler, title)
     summary = dbtool(db, ctx.workdir, "summary")
     counts = summary["counts"]
     done = counts.get("succeeded", 0)
