@@ -14,9 +14,22 @@ from django.db import connection
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from uploads import wakeup
 from uploads.models import Grant
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_the_wakeup_pipe() -> Iterator[None]:
+    """Workers started by tests make a wake-up pipe beside the SQLite test database, which
+    pytest-django deletes at the end; the pipe goes with it."""
+    yield
+    from django.conf import settings
+
+    name = settings.DATABASES["default"].get("TEST", {}).get("NAME")
+    if name:
+        Path(f"{name}{wakeup.SUFFIX}").unlink(missing_ok=True)
 
 
 @pytest.fixture(autouse=True)
