@@ -23,7 +23,12 @@ def raw_upload(client: APIClient, body: bytes = b"hello\n", **headers: str) -> A
     return client.generic("POST", URL, body, content_type="application/octet-stream", **meta)
 
 
-def form_upload(client: APIClient, body: bytes | None = b"hello\n", **fields: Any) -> Any:
+def form_upload(
+    client: APIClient,
+    body: bytes | None = b"hello\n",
+    headers: dict[str, str] | None = None,
+    **fields: Any,
+) -> Any:
     import io
 
     data: dict[str, Any] = {"container": "web1", "path": "/srv/app/hello.txt"}
@@ -33,7 +38,7 @@ def form_upload(client: APIClient, body: bytes | None = b"hello\n", **fields: An
         upload = io.BytesIO(body)
         upload.name = "local-name.txt"
         data["file"] = upload
-    return client.post(URL, data, format="multipart")
+    return client.post(URL, data, format="multipart", **(headers or {}))
 
 
 def assert_nothing_queued(spool: Path) -> None:
@@ -426,3 +431,70 @@ class TestDigests:
         assert response.status_code == 400
         assert "as announced" in response.json()["sha256"][0]
         assert_nothing_queued(spool)
+
+
+class TestIdempotencyKey:
+    """A client that lost the answer (a timeout, a 503 during a restart) resends with the same
+    Idempotency-Key and gets the first upload back instead of a second delivery."""
+
+    def test_a_resend_gets_the_first_task_and_queues_nothing_more(
+        self, api: APIClient, spool: Path
+    ) -> None:
+        first = raw_upload(api, idempotency_key="build-1234")
+        assert first.status_code == 202
+        assert first.json()["idempotency_key"] == "build-1234"
+        assert "Idempotent-Replayed" not in first
+        again = raw_upload(api, idempotency_key='"build-1234"')  # the quoted form is the same key
+        assert again.status_code == 202
+        assert again["Idempotent-Replayed"] == "true"
+        assert again["Location"] == first["Location"]
+        assert again.json()["id"] == first.json()["id"]
+        assert UploadTask.objects.count() == 1
+        assert len(spool_files(spool)) == 1
+
+    def test_multipart_resend_is_answered_without_reading_the_body_again(
+        self, api: APIClient, spool: Path
+    ) -> None:
+        key = {"HTTP_IDEMPOTENCY_KEY": "k-1"}
+        first = form_upload(api, headers=key)
+        again = form_upload(api, b"other bytes", headers=key)
+        assert again.status_code == 202
+        assert again.json()["id"] == first.json()["id"]
+        assert again.json()["sha256"] == hashlib.sha256(b"hello\n").hexdigest()
+        assert len(spool_files(spool)) == 1
+
+    def test_keys_belong_to_their_owner(self, api: APIClient, other_user: Any, spool: Path) -> None:
+        mine = raw_upload(api, idempotency_key="same").json()["id"]
+        theirs = raw_upload(token_client(other_user), idempotency_key="same").json()["id"]
+        assert mine != theirs
+        assert UploadTask.objects.count() == 2
+
+    def test_a_key_reused_for_another_destination_is_422(self, api: APIClient, spool: Path) -> None:
+        first = raw_upload(api, idempotency_key="k-2").json()
+        response = raw_upload(api, idempotency_key="k-2", x_file_path="/srv/app/other.txt")
+        assert response.status_code == 422
+        assert first["id"] in response.json()["detail"]
+        assert UploadTask.objects.count() == 1
+        assert len(spool_files(spool)) == 1
+
+    @pytest.mark.parametrize("key", ["", "x" * 256, "caf\u00e9", "tab\there"])
+    def test_a_malformed_key_is_400(self, api: APIClient, spool: Path, key: str) -> None:
+        response = raw_upload(api, idempotency_key=key)
+        assert response.status_code == 400
+        assert "Idempotency-Key" in response.json()
+        assert_nothing_queued(spool)
+
+    def test_two_resends_racing_past_the_look_up_make_one_task(
+        self, user: Any, spool: Path
+    ) -> None:
+        # The second INSERT hits the unique constraint: the service hands back the first task
+        # and deletes the second spool file.
+        from tests.factories import spooled
+        from uploads import services
+
+        params = {"container": "web1", "path": "/srv/app/x", "idempotency_key": "race"}
+        first = services.upload_create(owner=user, spooled=spooled(b"one"), **params)
+        with pytest.raises(services.DuplicateUpload) as raised:
+            services.upload_create(owner=user, spooled=spooled(b"two"), **params)
+        assert raised.value.task.pk == first.pk
+        assert spool_files(spool) == [first.spool_name]

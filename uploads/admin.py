@@ -201,6 +201,7 @@ class UploadTaskAdmin(TaskAdminBase):
                     ("mode_display", "uid", "gid"),
                     "create_dirs",
                     ("spool_name", "spool_file_display"),
+                    "idempotency_key",
                     "api_link",
                 )
             },

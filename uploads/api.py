@@ -2,6 +2,7 @@
 
 import base64
 import binascii
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
@@ -31,6 +32,7 @@ from uploads.exceptions import (
     BodyTimeout,
     Conflict,
     Gone,
+    IdempotencyKeyReused,
     IncompleteBody,
     InsufficientStorage,
     LengthRequired,
@@ -70,6 +72,17 @@ FORM_FIELDS = (
 )
 
 RAW_UPLOAD_PARAMETERS = [
+    OpenApiParameter(
+        "Idempotency-Key",
+        str,
+        OpenApiParameter.HEADER,
+        description=(
+            "Any string of 1-255 printable ASCII characters, unique per upload. A resend with "
+            "the same key (after a lost answer or a 503) gets the first upload's task back, "
+            "with `Idempotent-Replayed: true`, instead of queueing the file twice. "
+            "Both upload forms."
+        ),
+    ),
     OpenApiParameter("X-Container-Name", str, OpenApiParameter.HEADER, description="Instance name"),
     OpenApiParameter(
         "X-File-Path", str, OpenApiParameter.HEADER, description="Absolute destination path"
@@ -251,6 +264,41 @@ def _timed_out(exc: BaseException) -> bool:
     return False
 
 
+# IETF draft-ietf-httpapi-idempotency-key-header: a string, sent quoted (a structured field)
+# or bare; here 1-255 printable ASCII characters.
+IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
+
+
+def _idempotency_key(request: Request) -> str:
+    raw = request.META.get("HTTP_IDEMPOTENCY_KEY")
+    if raw is None:
+        return ""
+    key = raw.strip()
+    if len(key) >= 2 and key[0] == key[-1] == '"':
+        key = key[1:-1]
+    if not IDEMPOTENCY_KEY.match(key):
+        raise ValidationError(
+            {"Idempotency-Key": ["An idempotency key is 1-255 printable ASCII characters."]}
+        )
+    return key
+
+
+def _raw_params(request: Request) -> dict[str, Any]:
+    raw = {name: request.META.get(h) for h, name in RAW_HEADERS.items()}
+    return _validated({**raw, "sha256": _expected_sha256(request)})
+
+
+def _check_same_upload(params: dict[str, Any], task: UploadTask) -> None:
+    """A resend must name the destination the key was first used for."""
+    sent = (params["remote"], params["project"], params["container"], params["path"])
+    if sent != (task.remote, task.project, task.instance, task.path):
+        raise IdempotencyKeyReused(
+            f"This Idempotency-Key was used for upload {task.pk} to "
+            f"{task.remote}:{task.project}/{task.instance}:{task.path}; use a new key for "
+            "a different upload."
+        )
+
+
 def _source(request: Request) -> str | None:
     address: str | None = request.META.get("REMOTE_ADDR") or None
     return address
@@ -324,6 +372,14 @@ class UploadViewSet(
 
     def _create(self, request: Request) -> Response:
         content_type = request.content_type.split(";")[0].strip().lower()
+        owner = cast(User, request.user)  # IsAuthenticated has run
+        key = _idempotency_key(request)
+        if key and (earlier := selectors.task_by_idempotency_key(owner=owner, key=key)):
+            # A resend (the answer to the first one was lost): the body is not read again.
+            # A raw upload names its destination in headers, so it can be compared first.
+            if content_type != "multipart/form-data":
+                _check_same_upload(_raw_params(request), earlier)
+            return self._replayed(request, earlier)
         if content_type == "multipart/form-data":
             params, spooled = self._receive_multipart(request)
         elif content_type in ("application/x-www-form-urlencoded", "application/json"):
@@ -336,19 +392,40 @@ class UploadViewSet(
             )
         else:
             params, spooled = self._receive_raw(request)
-        owner = cast(User, request.user)  # IsAuthenticated has run
-        task = services.upload_create(
-            owner=owner, spooled=spooled, source=_source(request), **params
-        )
+        try:
+            task = services.upload_create(
+                owner=owner,
+                spooled=spooled,
+                idempotency_key=key,
+                source=_source(request),
+                **params,
+            )
+        except services.DuplicateUpload as exc:  # a resend that raced the first one
+            _check_same_upload(params, exc.task)
+            return self._replayed(request, exc.task)
         metrics.UPLOADS_ACCEPTED.inc()
         metrics.UPLOAD_BYTES.inc(task.size)
         body = self.get_serializer(task).data
         location = reverse("upload-detail", args=[task.pk])
         return Response(body, status=status.HTTP_202_ACCEPTED, headers={"Location": location})
 
+    def _replayed(self, request: Request, task: UploadTask) -> Response:
+        services.audit(
+            action="upload",
+            outcome="replayed",
+            user=request.user,
+            source=_source(request),
+            task_id=task.pk,
+        )
+        location = reverse("upload-detail", args=[task.pk])
+        return Response(
+            self.get_serializer(task).data,
+            status=status.HTTP_202_ACCEPTED,
+            headers={"Location": location, "Idempotent-Replayed": "true"},
+        )
+
     def _receive_raw(self, request: Request) -> tuple[dict[str, Any], spool.SpooledFile]:
-        raw = {name: request.META.get(h) for h, name in RAW_HEADERS.items()}
-        params = _validated({**raw, "sha256": _expected_sha256(request)})
+        params = _raw_params(request)
         _check_granted(request, params, _content_length(request))
         length = _check_capacity(request)
         environ = request._request.META

@@ -59,6 +59,11 @@ class Conflict(APIException):
     default_code = "conflict"
 
 
+class IdempotencyKeyReused(APIException):
+    status_code = status.HTTP_422_UNPROCESSABLE_ENTITY
+    default_code = "idempotency_key_reused"
+
+
 class Gone(APIException):
     status_code = status.HTTP_410_GONE
     default_code = "gone"

@@ -60,6 +60,13 @@ class UploadTask(models.Model):
     gid = models.PositiveBigIntegerField(_("gid"), null=True, blank=True)
     create_dirs = models.BooleanField(_("create parent directories"), default=False)
     spool_name = models.CharField(_("spool file"), max_length=100, editable=False)
+    idempotency_key = models.CharField(
+        _("idempotency key"),
+        max_length=255,
+        blank=True,
+        default="",
+        help_text=_("The client's Idempotency-Key: a resend with the same key gets this task."),
+    )
 
     status = models.CharField(
         _("status"), max_length=16, choices=Status.choices, default=Status.PENDING
@@ -115,6 +122,12 @@ class UploadTask(models.Model):
             ),
             models.CheckConstraint(
                 condition=Q(max_attempts__gte=1), name="uploadtask_max_attempts_positive"
+            ),
+            # One task per client key: a resend after a lost answer is not a second upload.
+            models.UniqueConstraint(
+                fields=["owner", "idempotency_key"],
+                condition=~Q(idempotency_key=""),
+                name="uploadtask_owner_idempotency_key",
             ),
             # A running task is always owned by exactly one claim with a lease.
             models.CheckConstraint(

@@ -39,6 +39,10 @@ class QueueSummary(TypedDict):
     waiting_for_retry: int
 
 
+def task_by_idempotency_key(*, owner: Any, key: str) -> UploadTask | None:
+    return UploadTask.objects.filter(owner=owner, idempotency_key=key).first()
+
+
 def queue_summary() -> QueueSummary:
     counts = dict.fromkeys(Status.values, 0)
     for row in UploadTask.objects.values("status").annotate(n=Count("pk")).order_by():

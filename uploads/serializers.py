@@ -154,6 +154,7 @@ class UploadTaskSerializer(serializers.ModelSerializer[UploadTask]):
             "uid",
             "gid",
             "create_dirs",
+            "idempotency_key",
             "attempts",
             "max_attempts",
             "last_error",

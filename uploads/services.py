@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib.auth.models import User
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q
 from django.db.models.functions import Greatest
 from django.utils import timezone
@@ -33,7 +33,7 @@ from uploads.models import (
     UploadTask,
     WorkerHeartbeat,
 )
-from uploads.selectors import task_permission
+from uploads.selectors import task_by_idempotency_key, task_permission
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,14 @@ class TaskStateError(Exception):
 
 class SpoolFileMissing(Exception):
     """The task's spool file is gone, so it can never be pushed again."""
+
+
+class DuplicateUpload(Exception):
+    """The owner already sent an upload with this idempotency key; `task` is that upload."""
+
+    def __init__(self, task: UploadTask) -> None:
+        super().__init__(f"idempotency key already used by upload {task.pk}")
+        self.task = task
 
 
 class NotGranted(Exception):
@@ -117,9 +125,13 @@ def upload_create(
     uid: int | None = None,
     gid: int | None = None,
     create_dirs: bool = False,
+    idempotency_key: str = "",
     source: str | None = None,
 ) -> UploadTask:
     """Queue a spooled file for delivery. On any failure the spool file is deleted.
+
+    With an idempotency key the owner already used (two resends racing past the API's own
+    look-up), DuplicateUpload carries the task that got the key.
 
     The task, its audit record and the wake-up commit together: once this returns nothing
     else touches the database, so a client never hears an error for an upload that was
@@ -141,6 +153,7 @@ def upload_create(
                 gid=gid,
                 create_dirs=create_dirs,
                 spool_name=spooled.name,
+                idempotency_key=idempotency_key,
                 max_attempts=uploads_settings.MAX_ATTEMPTS,
             )
             audit(
@@ -154,6 +167,14 @@ def upload_create(
                 size=spooled.size,
             )
             _notify_workers()
+    except IntegrityError:
+        spool.remove(spooled.name)
+        earlier = (
+            task_by_idempotency_key(owner=owner, key=idempotency_key) if idempotency_key else None
+        )
+        if earlier is None:
+            raise
+        raise DuplicateUpload(earlier) from None
     except BaseException:
         spool.remove(spooled.name)
         raise
