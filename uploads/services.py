@@ -296,8 +296,8 @@ def claim_tasks(*, worker_id: str, limit: int) -> list[Claim]:
 
     PostgreSQL: the candidate rows are locked with SKIP LOCKED so concurrent workers pick
     disjoint sets. SQLite ignores row locks, but our connections BEGIN IMMEDIATE, so the whole
-    transaction holds the database's write lock. Either way the UPDATE is conditional on the
-    row still being pending and the row count is what decides.
+    transaction holds the database's write lock. Either way no one else can change the rows
+    until the commit; the UPDATE still requires them to be pending, and claims all or none.
     """
     if limit <= 0:
         return []
@@ -305,24 +305,32 @@ def claim_tasks(*, worker_id: str, limit: int) -> list[Claim]:
     token = uuid.uuid4()
     lease = now + timedelta(seconds=uploads_settings.LEASE_SECONDS)
     with transaction.atomic():
-        ids = list(
+        # The rows come whole, with their owners (the worker re-checks the owner's grants
+        # before each push), locked until the commit: nothing can change them under us.
+        tasks = list(
             UploadTask.objects.ready(now)
-            .select_for_update(skip_locked=True)
-            .order_by("next_attempt_at")
-            .values_list("pk", flat=True)[:limit]
+            .select_related("owner")
+            .select_for_update(skip_locked=True, of=("self",))
+            .order_by("next_attempt_at")[:limit]
         )
-        if not ids:
+        if not tasks:
             return []
-        UploadTask.objects.filter(pk__in=ids, status=Status.PENDING).update(
-            status=Status.RUNNING,
-            attempts=F("attempts") + 1,
-            claim_token=token,
-            lease_expires_at=lease,
-            worker_id=worker_id,
-            started_at=now,
-        )
-        # The owner comes along: the worker re-checks the owner's grants before each push.
-        tasks = list(UploadTask.objects.select_related("owner").filter(claim_token=token))
+        claimed = {
+            "status": Status.RUNNING,
+            "claim_token": token,
+            "lease_expires_at": lease,
+            "worker_id": worker_id,
+            "started_at": now,
+        }
+        updated = UploadTask.objects.filter(
+            pk__in=[t.pk for t in tasks], status=Status.PENDING
+        ).update(attempts=F("attempts") + 1, **claimed)
+        if updated != len(tasks):  # cannot happen while the rows are locked; never half-claim
+            raise RuntimeError(f"claimed {updated} of {len(tasks)} locked tasks; rolled back")
+        for task in tasks:
+            task.attempts += 1
+            for name, value in claimed.items():
+                setattr(task, name, value)
         attempts = UploadAttempt.objects.bulk_create(
             UploadAttempt(
                 task=task,
