@@ -405,9 +405,15 @@ class UploadViewSet(
             return self._replayed(request, exc.task)
         metrics.UPLOADS_ACCEPTED.inc()
         metrics.UPLOAD_BYTES.inc(task.size)
-        body = self.get_serializer(task).data
+        return self._accepted(task)
+
+    def _accepted(self, task: UploadTask, **headers: str) -> Response:
         location = reverse("upload-detail", args=[task.pk])
-        return Response(body, status=status.HTTP_202_ACCEPTED, headers={"Location": location})
+        return Response(
+            self.get_serializer(task).data,
+            status=status.HTTP_202_ACCEPTED,
+            headers={"Location": location, **headers},
+        )
 
     def _replayed(self, request: Request, task: UploadTask) -> Response:
         services.audit(
@@ -417,12 +423,7 @@ class UploadViewSet(
             source=_source(request),
             task_id=task.pk,
         )
-        location = reverse("upload-detail", args=[task.pk])
-        return Response(
-            self.get_serializer(task).data,
-            status=status.HTTP_202_ACCEPTED,
-            headers={"Location": location, "Idempotent-Replayed": "true"},
-        )
+        return self._accepted(task, **{"Idempotent-Replayed": "true"})
 
     def _receive_raw(self, request: Request) -> tuple[dict[str, Any], spool.SpooledFile]:
         params = _raw_params(request)
