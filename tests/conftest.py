@@ -51,7 +51,7 @@ def spool_files(path: Path) -> list[str]:
 
 
 def grant_everything(user: Any) -> None:
-    Grant.objects.create(user=user, instance_glob="*", project="*")
+    Grant.objects.create(user=user, instance_glob="*", project="*", owners=["*"])
 
 
 @pytest.fixture

@@ -60,6 +60,7 @@ def grant_data(**fields: Any) -> dict[str, Any]:
         "project": "default",
         "instance_glob": "web*",
         "path_prefixes": "",
+        "owners": "",
         "max_size": "",
         "_save": "Save",
     }
@@ -179,6 +180,23 @@ class TestGrantAdd:
         assert grant.user is None
         assert grant.path_prefixes == []
         assert grant_events() == [("created", "admin")]
+
+    def test_owners_are_listed_on_one_line(self, admin_client: Client, carol: Any) -> None:
+        response = admin_client.post(
+            GRANT_ADD, grant_data(user=carol.pk, owners="1000:1000, 33  0033,1000:1000")
+        )
+        assert response.status_code == 302, form_errors(response)
+        assert Grant.objects.get(user=carol).owners == ["1000:1000", "33"]
+        assert "1000:1000, 33" in admin_client.get(GRANTS).content.decode()
+
+    def test_a_malformed_owner_is_refused(self, admin_client: Client, carol: Any) -> None:
+        response = admin_client.post(GRANT_ADD, grant_data(user=carol.pk, owners="www-data, 1:"))
+        assert form_errors(response) == [
+            "'www-data' is not an owner: give UID or UID:GID (numbers up to 4294967295), "
+            "or * for any",
+            "'1:' is not an owner: give UID or UID:GID (numbers up to 4294967295), or * for any",
+        ]
+        assert not Grant.objects.exists()
 
     def test_root_stays_root(self, admin_client: Client, carol: Any) -> None:
         admin_client.post(GRANT_ADD, grant_data(user=carol.pk, path_prefixes="/\n//"))

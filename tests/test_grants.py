@@ -10,16 +10,16 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import Group
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from tests.conftest import ROOT, Server, spool_files, subprocess_env, token_client
 from tests.test_api import raw_upload
+from uploads.grants import path_within
 from uploads.models import AuditEvent, Status, UploadTask
 from uploads.pushers import NullPusher
-from uploads.selectors import path_within
 from uploads.worker import Worker
 
 pytestmark = pytest.mark.django_db
@@ -89,6 +89,55 @@ def test_grant_on_glob_and_prefix_allows_there_and_nowhere_else(
         assert reason in response.json()["detail"]
     assert UploadTask.objects.count() == 1
     assert len(spool_files(spool)) == 1
+
+
+@pytest.mark.parametrize("path", ["/srv/www", "/srv/www/.", "/srv/www/x/.."])
+def test_a_path_that_is_the_granted_directory_itself_is_refused(
+    carol_api: APIClient, spool: Path, path: str
+) -> None:
+    grant("carol", "web-*", "--path-prefix", "/srv/www")
+    response = raw_upload(carol_api, x_container_name="web-1", x_file_path=path)
+    assert response.status_code == 403
+    assert response.json()["detail"] == (
+        "/srv/www is a directory granted to you in 'web-1', not a file: name a file inside it"
+    )
+    assert UploadTask.objects.count() == 0 and spool_files(spool) == []
+
+
+def test_owners_are_refused_unless_a_grant_names_them(carol_api: APIClient, spool: Path) -> None:
+    grant("carol", "web1", "--path-prefix", "/srv/app", "--owner", "1000:1000", "--owner", "33")
+    allowed = [
+        {},
+        {"x_file_uid": "1000"},
+        {"x_file_uid": "1000", "x_file_gid": "1000"},
+        {"x_file_uid": "33", "x_file_gid": "1000"},
+        {"x_file_gid": "1000"},
+    ]
+    for headers in allowed:
+        assert raw_upload(carol_api, x_file_path="/srv/app/f", **headers).status_code == 202
+    for headers in ({"x_file_uid": "0"}, {"x_file_gid": "0"}, {"x_file_gid": "33"}):
+        response = raw_upload(carol_api, x_file_path="/srv/app/f", **headers)
+        assert response.status_code == 403, headers
+        assert response.json()["detail"].endswith("owners allowed: 1000:1000, 33")
+    assert UploadTask.objects.count() == len(allowed)
+    assert len(spool_files(spool)) == len(allowed)
+
+
+def test_a_grant_without_owners_allows_no_owner_and_star_allows_any(carol_api: APIClient) -> None:
+    grant("carol", "web1")
+    refused = raw_upload(carol_api, x_file_uid="1000")
+    assert refused.status_code == 403
+    assert "do not allow uid 1000; owners allowed: none (leave uid and gid unset)" in (
+        refused.json()["detail"]
+    )
+    assert raw_upload(carol_api).status_code == 202
+    grant("carol", "web1", "--owner", "*")
+    assert raw_upload(carol_api, x_file_uid="0", x_file_gid="0").status_code == 202
+
+
+def test_grant_container_refuses_a_malformed_owner() -> None:
+    with pytest.raises(CommandError, match="'root' is not an owner"):
+        grant("alice", "web1", "--owner", "root")
 
 
 def test_project_and_remote_are_part_of_the_grant(carol_api: APIClient, settings: Any) -> None:

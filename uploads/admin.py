@@ -34,6 +34,7 @@ from django.utils.translation import ngettext
 
 from uploads import selectors, services, spool
 from uploads.conf import uploads_settings
+from uploads.grants import parse_owner
 from uploads.models import AuditEvent, Grant, Status, UploadAttempt, UploadTask, WorkerHeartbeat
 
 if TYPE_CHECKING:
@@ -579,7 +580,39 @@ class PathPrefixesField(forms.Field):
         return prefixes
 
 
+class OwnersField(forms.Field):
+    """The JSON list of owners as one line: `1000:1000, 33`, or `*` for any."""
+
+    widget = forms.TextInput(attrs={"size": 40})
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, list):
+            return ", ".join(str(owner) for owner in value)
+        return value
+
+    def to_python(self, value: Any) -> list[str]:
+        owners: set[str] = set()
+        errors: list[forms.ValidationError] = []
+        for item in str(value or "").replace(",", " ").split():
+            try:
+                owners.add(parse_owner(item))
+            except ValueError as exc:
+                errors.append(forms.ValidationError(str(exc), code="owner"))
+        if errors:
+            raise forms.ValidationError(errors)
+        return sorted(owners)
+
+
 class GrantAdminForm(GrantFormBase):
+    owners = OwnersField(
+        label=_("owners"),
+        required=False,
+        help_text=_(
+            "The uid or uid:gid uploads may give their files, separated by commas, e.g. "
+            "1000:1000, 33; * allows any. Empty: uploads may not ask for an owner (files keep "
+            "the owner of the file they replace, or root)."
+        ),
+    )
     path_prefixes = PathPrefixesField(
         label=_("path prefixes"),
         required=False,
@@ -598,6 +631,7 @@ class GrantAdminForm(GrantFormBase):
             "project",
             "instance_glob",
             "path_prefixes",
+            "owners",
             "max_size",
         )
 
@@ -627,6 +661,7 @@ class GrantAdmin(GrantAdminBase):
         "project",
         "instance_glob",
         "path_prefixes_display",
+        "owners_display",
         "max_size_display",
         "created_at",
     )
@@ -641,6 +676,7 @@ class GrantAdmin(GrantAdminBase):
         "project",
         "instance_glob",
         "path_prefixes",
+        "owners",
         "max_size",
         "created_at",
     )
@@ -655,6 +691,10 @@ class GrantAdmin(GrantAdminBase):
     @admin.display(description=_("path prefixes"))
     def path_prefixes_display(self, grant: Grant) -> str:
         return ", ".join(grant.path_prefixes) or str(_("any path"))
+
+    @admin.display(description=_("owners"))
+    def owners_display(self, grant: Grant) -> str:
+        return ", ".join(grant.owners) or str(_("none"))
 
     @admin.display(description=_("maximum file size"), ordering="max_size")
     def max_size_display(self, grant: Grant) -> str:

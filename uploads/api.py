@@ -232,6 +232,8 @@ def _check_granted(request: Request, params: dict[str, Any], size: int | None) -
         instance=params["container"],
         path=params["path"],
         size=size,
+        uid=params["uid"],
+        gid=params["gid"],
     )
     if permission.allowed:
         return

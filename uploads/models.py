@@ -9,7 +9,7 @@ from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-MAX_ID = 4_294_967_295
+from uploads.grants import MAX_ID, describe_owners
 
 
 class Status(models.TextChoices):
@@ -224,6 +224,15 @@ class Grant(models.Model):
     max_size = models.PositiveBigIntegerField(
         _("maximum file size"), null=True, blank=True, help_text=_("In bytes; empty for none.")
     )
+    owners = models.JSONField(
+        _("owners"),
+        default=list,
+        blank=True,
+        help_text=_(
+            "The uid or uid:gid an upload may ask its file to get (* for any); empty allows "
+            "none: files then keep the owner of the file they replace, or root."
+        ),
+    )
     created_at = models.DateTimeField(_("created at"), default=timezone.now)
 
     class Meta:
@@ -241,7 +250,8 @@ class Grant(models.Model):
     def __str__(self) -> str:
         who = f"user {self.user}" if self.user_id else f"group {self.group}"
         prefixes = ", ".join(self.path_prefixes) or "any path"
-        return f"{who}: {self.remote}:{self.project}/{self.instance_glob} ({prefixes})"
+        owners = f"; owners {describe_owners(self.owners)}" if self.owners else ""
+        return f"{who}: {self.remote}:{self.project}/{self.instance_glob} ({prefixes}{owners})"
 
 
 class AuditEvent(models.Model):

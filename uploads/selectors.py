@@ -7,6 +7,7 @@ from typing import Any, TypedDict
 
 from django.db.models import Count, Min, Q, QuerySet
 
+from uploads.grants import describe_owners, normal_prefix, owners_allow, path_below
 from uploads.models import Grant, Status, UploadTask, WorkerHeartbeat
 
 
@@ -58,18 +59,15 @@ def queue_summary() -> QueueSummary:
 # --- grants --------------------------------------------------------------------------------
 
 
-def path_within(path: str, prefix: str) -> bool:
-    """Whether a normalised absolute path lies in a directory, respecting boundaries:
-    /srv/app holds /srv/app/x but not /srv/application/x."""
-    prefix = "/" + prefix.strip("/")
-    return prefix == "/" or path == prefix or path.startswith(prefix + "/")
-
-
 @dataclass(frozen=True)
 class UploadPermission:
     allowed: bool
     status: int = 200
     reason: str = ""
+    # The granted directories the file must really land in (after the instance's symlinks),
+    # or None when the user may write anywhere in the instance (a superuser, or a grant
+    # without path prefixes).
+    confined_to: tuple[str, ...] | None = None
 
 
 def user_grants(*, user: Any) -> QuerySet[Grant]:
@@ -78,46 +76,81 @@ def user_grants(*, user: Any) -> QuerySet[Grant]:
 
 
 def upload_permission(
-    *, user: Any, remote: str, project: str, instance: str, path: str, size: int | None
+    *,
+    user: Any,
+    remote: str,
+    project: str,
+    instance: str,
+    path: str,
+    size: int | None,
+    uid: int | None = None,
+    gid: int | None = None,
 ) -> UploadPermission:
-    """May this user write `path` in this instance? Superusers may push anywhere.
+    """May this user write `path` in this instance, with this owner? Superusers may push
+    anywhere.
 
-    `size` is None when unknown (a chunked body): the size limit is then checked again once
-    the body is in. Asked on every upload and before every push, so it is one query that
-    fetches only the columns it compares.
+    A grant allows a path strictly inside one of its directories (never the directory itself),
+    the owners it names, and files up to its size. `size` is None when unknown (a chunked
+    body): the limit is then checked again once the body is in. Asked on every upload and
+    before every push, so it is one query that fetches only the columns it compares.
     """
     if user.is_superuser:
         return UploadPermission(allowed=True)
     target = f"{instance}' in project '{project}' on remote '{remote}"
     matching = [
-        (prefixes, max_size)
-        for glob_project, glob_instance, prefixes, max_size in user_grants(user=user)
+        (prefixes, owners, max_size)
+        for glob_project, glob_instance, prefixes, owners, max_size in user_grants(user=user)
         .filter(remote=remote)
-        .values_list("project", "instance_glob", "path_prefixes", "max_size")
+        .values_list("project", "instance_glob", "path_prefixes", "owners", "max_size")
         if fnmatchcase(project, glob_project) and fnmatchcase(instance, glob_instance)
     ]
     if not matching:
         return UploadPermission(False, 403, f"you have no grant for instance '{target}'")
     on_path = [
-        max_size
-        for prefixes, max_size in matching
-        if not prefixes or any(path_within(path, p) for p in prefixes)
+        grant
+        for grant in matching
+        if not grant[0] or any(path_below(path, prefix) for prefix in grant[0])
     ]
     if not on_path:
-        allowed = sorted({p for prefixes, _ in matching for p in prefixes})
+        granted = sorted({normal_prefix(p) for prefixes, _, _ in matching for p in prefixes})
+        if path in granted:
+            return UploadPermission(
+                False,
+                403,
+                f"{path} is a directory granted to you in '{instance}', not a file: "
+                "name a file inside it",
+            )
         return UploadPermission(
             False,
             403,
-            f"{path} is outside the directories granted in '{instance}': {', '.join(allowed)}",
+            f"{path} is outside the directories granted in '{instance}': {', '.join(granted)}",
         )
-    if size is None or any(limit is None or size <= limit for limit in on_path):
+    as_owner = [grant for grant in on_path if owners_allow(grant[1], uid, gid)]
+    if not as_owner:
+        asked = " and ".join(
+            f"{name} {value}" for name, value in (("uid", uid), ("gid", gid)) if value is not None
+        )
+        allowed = describe_owners(owner for _, owners, _ in on_path for owner in owners)
+        return UploadPermission(
+            False,
+            403,
+            f"your grants for {path} in '{instance}' do not allow {asked}; owners allowed: "
+            f"{allowed}",
+        )
+    fitting = [grant for grant in as_owner if size is None or grant[2] is None or size <= grant[2]]
+    if not fitting:
+        largest = max(max_size or 0 for _, _, max_size in as_owner)
+        return UploadPermission(
+            False,
+            413,
+            f"the file is {size} bytes; your grant for '{instance}' allows at most {largest}",
+        )
+    if any(not prefixes for prefixes, _, _ in fitting):
         return UploadPermission(True)
-    largest = max(limit or 0 for limit in on_path)
-    return UploadPermission(
-        False,
-        413,
-        f"the file is {size} bytes; your grant for '{instance}' allows at most {largest}",
-    )
+    # Every directory of a grant that allows this owner and size: a symlink from one granted
+    # directory into another stays inside what the user may write anyway.
+    roots = sorted({normal_prefix(p) for prefixes, _, _ in fitting for p in prefixes})
+    return UploadPermission(True, confined_to=tuple(roots))
 
 
 def task_permission(task: UploadTask) -> UploadPermission:
@@ -128,6 +161,8 @@ def task_permission(task: UploadTask) -> UploadPermission:
         instance=task.instance,
         path=task.path,
         size=task.size,
+        uid=task.uid,
+        gid=task.gid,
     )
 
 

@@ -11,7 +11,8 @@ from rest_framework import serializers
 from rest_framework.reverse import reverse
 
 from uploads.conf import uploads_settings
-from uploads.models import MAX_ID, Status, UploadTask
+from uploads.grants import MAX_ID
+from uploads.models import Status, UploadTask
 
 # Incus instance names are hostnames: letters, digits and hyphens, 1-63 characters, not
 # starting with a digit or a hyphen, not ending with a hyphen.

@@ -23,6 +23,7 @@ from django.utils import timezone
 
 from uploads import spool, wakeup
 from uploads.conf import uploads_settings
+from uploads.grants import parse_owner
 from uploads.models import (
     FINISHED,
     AuditEvent,
@@ -558,6 +559,7 @@ def grant_create(
     remote: str = "local",
     path_prefixes: list[str] | None = None,
     max_size: int | None = None,
+    owners: list[str] | None = None,
 ) -> Grant:
     grant = Grant.objects.create(
         user=user,
@@ -567,6 +569,7 @@ def grant_create(
         remote=remote,
         path_prefixes=["/" + p.strip("/") for p in path_prefixes or []],
         max_size=max_size,
+        owners=sorted({parse_owner(owner) for owner in owners or []}),
     )
     audit(action="grant", outcome="created", user=actor, grant=str(grant), grant_id=grant.pk)
     return grant

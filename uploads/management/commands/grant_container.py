@@ -8,7 +8,15 @@ from django.contrib.auth.models import Group
 from django.core.management.base import BaseCommand, CommandError
 
 from uploads import services
+from uploads.grants import parse_owner
 from uploads.models import Grant
+
+
+def _owner(text: str) -> str:
+    try:
+        return parse_owner(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 class Command(BaseCommand):
@@ -30,6 +38,18 @@ class Command(BaseCommand):
             help="directory files may be written under (repeatable; default: anywhere)",
         )
         parser.add_argument("--max-size", type=int, default=None, help="largest file, bytes")
+        parser.add_argument(
+            "--owner",
+            action="append",
+            default=[],
+            dest="owners",
+            type=_owner,
+            metavar="UID[:GID]",
+            help=(
+                "an owner uploads may give their files and created directories (repeatable; "
+                "* for any); without one, uploads may not ask for a uid or gid"
+            ),
+        )
         parser.add_argument("--revoke", action="store_true", help="remove matching grants")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -59,5 +79,6 @@ class Command(BaseCommand):
             **scope,
             path_prefixes=options["path_prefixes"],
             max_size=options["max_size"],
+            owners=options["owners"],
         )
         self.stdout.write(f"Granted {grant}.")
