@@ -29,7 +29,7 @@ from tests.incus_utils import (
     unique_dir,
 )
 from uploads.incus import IncusPusher
-from uploads.pushers import PermanentPushError, PushRequest, TransientPushError
+from uploads.pushers import OutsideGrant, PermanentPushError, PushRequest, TransientPushError
 
 pytestmark = pytest.mark.incus
 
@@ -251,6 +251,70 @@ def test_symlinked_destination_is_written_through(
     assert run_in(RUNNING, "readlink", f"{workdir}/link") == "real\n"
     assert run_in(RUNNING, "cat", f"{workdir}/real") == "new\n"
     assert stat_in(RUNNING, f"{workdir}/real")[0] == "640"
+
+
+def test_a_confined_push_refuses_links_out_of_its_grant_and_writes_nothing(
+    pusher: IncusPusher, tmp_path: Path, workdir: str
+) -> None:
+    """A link among the parents, a link as the destination and a dangling one, each leading
+    out of the granted directory: refused before anything is created, anywhere."""
+    granted = f"{workdir}/alice"
+    outside = f"{workdir}/outside"
+    run_in(RUNNING, "mkdir", "-p", granted, outside)
+    run_in(RUNNING, "busybox", "ln", "-s", outside, f"{granted}/parent")
+    run_in(RUNNING, "busybox", "ln", "-s", "../outside/file", f"{granted}/dest")
+    run_in(RUNNING, "busybox", "ln", "-s", f"{outside}/nothing-yet", f"{granted}/dangling")
+    cases = {
+        f"{granted}/parent/x": f"{granted}/parent is a symbolic link to {outside}, outside",
+        f"{granted}/dest": (
+            f"{granted}/dest is a symbolic link to ../outside/file ({outside}/file), outside"
+        ),
+        f"{granted}/dangling": f"{granted}/dangling is a symbolic link to {outside}/nothing-yet",
+    }
+    for path, reason in cases.items():
+        with pytest.raises(OutsideGrant) as refused:
+            push(pusher, tmp_path, b"x", path, confined_to=(granted,))
+        assert refused.value.message.startswith(reason)
+        assert refused.value.message.endswith(
+            f"outside the directories granted in {RUNNING}: {granted}"
+        )
+    assert listing(RUNNING, outside) == [".", ".."]
+    assert listing(RUNNING, granted) == [".", "..", "dangling", "dest", "parent"]
+
+
+def test_a_confined_push_follows_links_that_stay_inside(
+    pusher: IncusPusher, tmp_path: Path, workdir: str
+) -> None:
+    granted = f"{workdir}/alice"
+    run_in(RUNNING, "mkdir", "-p", f"{granted}/releases/1")
+    run_in(RUNNING, "busybox", "ln", "-s", "releases/1", f"{granted}/current")
+    run_in(RUNNING, "busybox", "ln", "-s", f"{granted}/releases/1/app.conf", f"{granted}/conf")
+    push(pusher, tmp_path, b"v1\n", f"{granted}/current/app.conf", confined_to=(granted,))
+    push(pusher, tmp_path, b"v2\n", f"{granted}/conf", confined_to=(granted,))
+    assert run_in(RUNNING, "cat", f"{granted}/releases/1/app.conf") == "v2\n"
+    assert listing(RUNNING, f"{granted}/releases/1") == [".", "..", "app.conf"]
+
+
+def test_a_confined_push_makes_directories_only_inside_its_grant(
+    pusher: IncusPusher, tmp_path: Path, workdir: str
+) -> None:
+    granted = f"{workdir}/opt/carol/data"
+    with pytest.raises(OutsideGrant) as refused:
+        push(pusher, tmp_path, b"x", f"{granted}/a/f", confined_to=(granted,), create_dirs=True)
+    assert refused.value.message == (
+        f"the granted directory {granted} does not exist in {RUNNING}; "
+        "create_dirs makes directories only inside it"
+    )
+    assert listing(RUNNING, workdir) == [".", ".."]
+
+    run_in(RUNNING, "mkdir", "-p", granted)
+    options: dict[str, Any] = {"confined_to": (granted,), "uid": 1000, "gid": 1000}
+    with pytest.raises(PermanentPushError, match="does not exist .* \\(set create_dirs\\)"):
+        push(pusher, tmp_path, b"x", f"{granted}/a/b/f", **options)
+    push(pusher, tmp_path, b"x", f"{granted}/a/b/f", create_dirs=True, **options)
+    assert stat_in(RUNNING, f"{granted}/a")[:3] == ("755", 1000, 1000)
+    assert stat_in(RUNNING, f"{granted}/a/b")[:3] == ("755", 1000, 1000)
+    assert stat_in(RUNNING, granted)[:3] == ("755", 0, 0)  # the granted directory is left alone
 
 
 def test_push_into_the_stopped_instance(pusher: IncusPusher, tmp_path: Path) -> None:

@@ -52,18 +52,35 @@ import stat
 import threading
 import time
 import urllib.parse
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import paramiko
 import pylxd
 import requests
+from paramiko.sftp import (
+    CMD_ATTRS,
+    CMD_CLOSE,
+    CMD_FSETSTAT,
+    CMD_FSTAT,
+    CMD_HANDLE,
+    CMD_OPENDIR,
+)
+from paramiko.sftp_attr import SFTPAttributes
 from pylxd.client import get_session_for_url
 from pylxd.exceptions import ClientConnectionFailed, LXDAPIException, NotFound
 
 from uploads.conf import uploads_settings
-from uploads.pushers import PermanentPushError, PushError, PushRequest, TransientPushError
+from uploads.grants import path_below, path_within
+from uploads.pushers import (
+    OutsideGrant,
+    PermanentPushError,
+    PushError,
+    PushRequest,
+    TransientPushError,
+)
 from uploads.sftp import (
     READ_PACKET,
     WRITE_PACKET,
@@ -101,6 +118,67 @@ def _temp_stem(name: str) -> str:
 
 def _temp_name(name: str) -> str:
     return f".{_temp_stem(name)}{TEMP_MARK}{secrets.token_hex(6)}.tmp"
+
+
+def _lands(link_path: str, text: str) -> str:
+    """Where a link's text points, as a normalised absolute path in the instance (relative
+    texts start from the link's directory; absolute ones from the instance's root)."""
+    joined = posixpath.join(posixpath.dirname(link_path), text)
+    return "/" + posixpath.normpath(joined).lstrip("/")
+
+
+def _identity(attrs: Any) -> tuple[Any, ...]:
+    return (attrs.st_mode, attrs.st_uid, attrs.st_gid, attrs.st_mtime)
+
+
+@dataclass
+class _Destination:
+    """Where a push writes: `path`, whose parents are directories (not links) when the push
+    is confined; what is there now (`existing`, never a link; None when nothing is); the
+    directories to make first (`missing`, outermost first); the links followed to get there
+    (`hops`: the link, its text, where it points)."""
+
+    path: str
+    existing: Any = None
+    missing: list[str] = field(default_factory=list)
+    hops: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+class _DirectoryHandle:
+    """An SFTP handle on a directory, to set its owner and mode by handle rather than by path
+    (paramiko has no public call for it: these are the plain SFTP v3 requests)."""
+
+    def __init__(self, sftp: Any, path: str) -> None:
+        self.sftp = sftp
+        kind, message = sftp._request(CMD_OPENDIR, path)
+        if kind != CMD_HANDLE:
+            raise paramiko.SFTPError("expected a handle")
+        self.handle = message.get_binary()
+
+    def stat(self) -> SFTPAttributes:
+        kind, message = self.sftp._request(CMD_FSTAT, self.handle)
+        if kind != CMD_ATTRS:
+            raise paramiko.SFTPError("expected attributes")
+        return SFTPAttributes._from_msg(message)
+
+    def setstat(
+        self, *, mode: int | None = None, uid: int | None = None, gid: int | None = None
+    ) -> None:
+        attrs = SFTPAttributes()
+        if mode is not None:
+            attrs.st_mode = mode
+        if uid is not None and gid is not None:
+            attrs.st_uid, attrs.st_gid = uid, gid
+        self.sftp._request(CMD_FSETSTAT, self.handle, attrs)
+
+    def __enter__(self) -> "_DirectoryHandle":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            self.sftp._request(CMD_CLOSE, self.handle)
+        except OSError:
+            pass
 
 
 def _error_detail(body: bytes, fallback: str) -> str:
@@ -177,11 +255,22 @@ class _Delivery:
 
     # --- the steps ----------------------------------------------------------------------
 
-    def resolve(self) -> tuple[str, Any]:
-        """The path to replace (symlinks followed, as `incus file push` writes through them)
-        and its attributes, None when it does not exist yet. Also the session's first request,
-        so it tells whether a kept session still works."""
-        path = self.req.path
+    def resolve(self) -> _Destination:
+        """Where the file goes and what is there now. Also the session's first request, so it
+        tells whether a kept session still works.
+
+        An unconfined push (a superuser, or a grant on the whole instance) writes through
+        symlinks as `incus file push` does, and the server follows the links among the parents.
+        A confined one resolves every component itself and must land inside its grant.
+        """
+        if self.req.confined_to is None:
+            path, attrs = self._follow_final_links(self.req.path)
+            return _Destination(path, attrs)
+        destination = self._walk(self.req.path)
+        self._confine(destination)
+        return destination
+
+    def _follow_final_links(self, path: str) -> tuple[str, Any]:
         for _ in range(MAX_SYMLINKS):
             try:
                 attrs = self.sftp.lstat(path)
@@ -191,18 +280,124 @@ class _Delivery:
                 raise self._failed(exc, "looking up", path) from exc
             if not stat.S_ISLNK(attrs.st_mode or 0):
                 return path, attrs
-            try:
-                link = self.sftp.readlink(path)
-            except OSError as exc:
-                raise self._failed(exc, "reading the link", path) from exc
-            joined = posixpath.join(posixpath.dirname(path), link)
-            path = "/" + posixpath.normpath(joined).lstrip("/")
+            link = self._readlink(path)
+            path = _lands(path, link)
         raise PermanentPushError(
             f"too many levels of symbolic links at {self.req.path} in {self.where}"
         )
 
-    def run(self, target: str, existing: Any) -> None:
+    def _readlink(self, path: str) -> str:
+        try:
+            return str(self.sftp.readlink(path))
+        except OSError as exc:
+            raise self._failed(exc, "reading the link", path) from exc
+
+    def _walk(self, path: str) -> _Destination:
+        """Resolve `path` the way the instance's kernel would, one component at a time
+        (SFTP's realpath does not follow links: measured), remembering each link followed."""
+        parts = deque(part for part in path.split("/") if part)
+        current = "/"
+        hops: list[tuple[str, str, str]] = []
+        while parts:
+            part = parts.popleft()
+            if part == ".":
+                continue
+            if part == "..":
+                current = posixpath.dirname(current)
+                continue
+            candidate = posixpath.join(current, part)
+            try:
+                attrs = self.sftp.lstat(candidate)
+            except FileNotFoundError:
+                return self._missing_from(candidate, parts, hops)
+            except OSError as exc:
+                raise self._failed(exc, "looking up", candidate) from exc
+            if stat.S_ISLNK(attrs.st_mode or 0):
+                if len(hops) >= MAX_SYMLINKS:
+                    raise PermanentPushError(
+                        f"too many levels of symbolic links at {self.req.path} in {self.where}"
+                    )
+                link = self._readlink(candidate)
+                hops.append((candidate, link, _lands(candidate, link)))
+                if link.startswith("/"):
+                    current = "/"
+                parts.extendleft(reversed([p for p in link.split("/") if p]))
+                continue
+            if not parts:
+                return _Destination(candidate, attrs, hops=hops)
+            if not stat.S_ISDIR(attrs.st_mode or 0):
+                raise PermanentPushError(f"{candidate} is not a directory in {self.where}")
+            current = candidate
+        # The path named a directory (e.g. a link to one, or ending in "..").
+        return _Destination(current, self._lstat(current), hops=hops)
+
+    def _missing_from(
+        self, first: str, rest: deque[str], hops: list[tuple[str, str, str]]
+    ) -> _Destination:
+        """`first` does not exist, so neither does anything below it: the directories to make
+        and the file's path follow from the names alone."""
+        names = [name for name in rest if name != "."]
+        if ".." in names:
+            # The kernel cannot walk out of a directory that does not exist, nor may we.
+            raise PermanentPushError(
+                f"parent directory {first} does not exist in {self.where} (set create_dirs)"
+            )
+        if not names:
+            return _Destination(first, None, hops=hops)
+        missing = [first]
+        for name in names[:-1]:
+            missing.append(posixpath.join(missing[-1], name))
+        return _Destination(posixpath.join(missing[-1], names[-1]), None, missing, hops)
+
+    def _lstat(self, path: str) -> Any:
+        try:
+            return self.sftp.lstat(path)
+        except OSError as exc:
+            raise self._failed(exc, "looking up", path) from exc
+
+    def _confine(self, destination: _Destination) -> None:
+        """Refuse a destination outside the grant, and directories it would make above it."""
+        roots = self.req.confined_to or ()
+        if not any(path_below(destination.path, root) for root in roots):
+            raise OutsideGrant(self._escape(destination, roots))
+        if destination.missing and not any(
+            path_below(destination.missing[0], root) for root in roots
+        ):
+            granted = max((r for r in roots if path_below(destination.path, r)), key=len)
+            raise OutsideGrant(
+                f"the granted directory {granted} does not exist in {self.where}; "
+                "create_dirs makes directories only inside it"
+            )
+        if destination.missing and not self.req.create_dirs:
+            directory = posixpath.dirname(destination.path)
+            raise PermanentPushError(
+                f"parent directory {directory} does not exist in {self.where} (set create_dirs)"
+            )
+
+    def _escape(self, destination: _Destination, roots: tuple[str, ...]) -> str:
+        granted = f"outside the directories granted in {self.where}: {', '.join(roots)}"
+        for link, text, lands in destination.hops:
+            if not any(path_within(lands, root) for root in roots):
+                leads = text if text == lands else f"{text} ({lands})"
+                return f"{link} is a symbolic link to {leads}, {granted}"
+        return f"{self.req.path} leads to {destination.path}, {granted}"
+
+    def _recheck(self, directory: str) -> None:
+        """After our temporary file exists: every directory on its way must still be one, not
+        a link planted meanwhile by a process in the instance. Nothing is written before."""
+        current = "/"
+        for part in [p for p in directory.split("/") if p]:
+            current = posixpath.join(current, part)
+            attrs = self._lstat(current)
+            if not stat.S_ISDIR(attrs.st_mode or 0) or stat.S_ISLNK(attrs.st_mode or 0):
+                raise OutsideGrant(
+                    f"{current} in {self.where} changed into something other than a directory "
+                    "while the file was being placed; nothing was written"
+                )
+
+    def run(self, destination: _Destination) -> None:
         req = self.req
+        target, existing = destination.path, destination.existing
         if existing is not None and stat.S_ISDIR(existing.st_mode or 0):
             raise PermanentPushError(f"{req.path} is a directory in {self.where}")
         if req.mode is not None and req.mode & ~PERMISSION_BITS:
@@ -221,9 +416,14 @@ class _Delivery:
 
         directory, name = posixpath.split(target)
         temp = posixpath.join(directory, _temp_name(name))
-        handle = self._create(temp, directory)
+        confined = req.confined_to is not None
+        if destination.missing:
+            self._make_directories(destination.missing)
+        handle = self._create(temp, directory, make_parents=not confined)
         self.temp = temp
         try:
+            if confined:
+                self._recheck(directory)
             if mode & 0o044 != 0o044:
                 # The server creates files 0644 (pkg/sftp's fixed mode): hide the data from the
                 # readers the final mode shuts out while it is being written.
@@ -262,10 +462,15 @@ class _Delivery:
             raise
         self._verify(target, mode, uid, gid)
 
-    def _create(self, temp: str, directory: str) -> Any:
+    def _create(self, temp: str, directory: str, *, make_parents: bool) -> Any:
         try:
             return self.sftp.open(temp, "wx")
         except FileNotFoundError as exc:
+            if not make_parents:
+                # A confined push resolved its directory a moment ago: it was removed since.
+                raise TransientPushError(
+                    f"{directory} in {self.where} disappeared during the push"
+                ) from exc
             if not self.req.create_dirs:
                 missing = f"parent directory {directory} does not exist in {self.where}"
                 raise PermanentPushError(f"{missing} (set create_dirs)") from exc
@@ -277,9 +482,15 @@ class _Delivery:
         except OSError as exc:
             raise self._failed(exc, "creating a file in", directory) from exc
 
+    def _directory_owner(self) -> tuple[int, int] | None:
+        """Directories made for a push are owned as requested for the file (root where only
+        one of uid and gid is requested), like `incus file push -p`."""
+        if self.req.uid is None and self.req.gid is None:
+            return None
+        return (self.req.uid or 0, self.req.gid or 0)
+
     def _make_parents(self, directory: str) -> None:
-        """Create each missing directory down to `directory`: 0755, owned as requested for the
-        file (root where not requested), like `incus file push -p`."""
+        """Create each missing directory down to `directory`: 0755, owned as requested."""
         missing = []
         current = directory
         while current not in ("/", ""):
@@ -294,9 +505,7 @@ class _Delivery:
             if not stat.S_ISDIR(attrs.st_mode or 0):
                 raise PermanentPushError(f"{current} is not a directory in {self.where}")
             break
-        owner = None
-        if self.req.uid is not None or self.req.gid is not None:
-            owner = (self.req.uid or 0, self.req.gid or 0)
+        owner = self._directory_owner()
         for path in reversed(missing):
             try:
                 self.sftp.mkdir(path, DIR_MODE)
@@ -310,6 +519,50 @@ class _Delivery:
                 self.sftp.chmod(path, DIR_MODE)  # mkdir's mode passes through the umask
             except OSError as exc:
                 raise self._failed(exc, "setting the owner and mode of", path) from exc
+
+    def _make_directories(self, missing: list[str]) -> None:
+        """Create the directories a confined push resolved as missing, outermost first.
+
+        Their owner and mode are set through a handle on the directory, not by path: a
+        process in the instance that swapped the new directory for a link meanwhile would
+        otherwise have us give the link's target away. The handle must be the directory we
+        made (a link in its place is caught by lstat; a directory of another age or owner by
+        comparing its attributes).
+        """
+        if not self.req.create_dirs:  # _confine refused this already; never make one unasked
+            raise PermanentPushError(f"parent directory {missing[-1]} does not exist")
+        owner = self._directory_owner()
+        for path in missing:
+            try:
+                self.sftp.mkdir(path, DIR_MODE)
+            except OSError as exc:
+                attrs = self._lstat(path)
+                if stat.S_ISDIR(attrs.st_mode or 0) and not stat.S_ISLNK(attrs.st_mode or 0):
+                    continue  # a concurrent push made it: leave it as it is
+                raise self._failed(exc, "creating the directory", path) from exc
+            try:
+                with _DirectoryHandle(self.sftp, path) as handle:
+                    self._check_same_directory(path, handle)
+                    if owner is not None:
+                        handle.setstat(uid=owner[0], gid=owner[1])
+                    handle.setstat(mode=DIR_MODE)  # mkdir's mode passes through the umask
+            except OSError as exc:
+                raise self._failed(exc, "setting the owner and mode of", path) from exc
+
+    def _check_same_directory(self, path: str, handle: "_DirectoryHandle") -> None:
+        """Whether the open handle is the directory at `path` (not a link's target). SFTP v3
+        has no inode numbers: compare what it has, including the modification time, which a
+        process in the instance cannot set on a directory it does not own. A push writing
+        into the new directory meanwhile changes both sides alike, hence the second look."""
+        replaced = OutsideGrant(f"{path} in {self.where} was replaced while it was being created")
+        for _ in range(3):
+            seen = self._lstat(path)
+            if not stat.S_ISDIR(seen.st_mode or 0) or stat.S_ISLNK(seen.st_mode or 0):
+                raise replaced
+            held = handle.stat()
+            if _identity(seen) == _identity(held):
+                return
+        raise replaced
 
     def _remove_stale_temps(self, directory: str, temp: str) -> None:
         """Remove temporary files in `directory` left by pushes that died.
@@ -718,7 +971,7 @@ class IncusPusher:
         delivery = _Delivery(session.client, req, self._sweep_due(key))
         try:
             try:
-                target, existing = delivery.resolve()
+                destination = delivery.resolve()
             except (LinkBroken, paramiko.SSHException):
                 if not reused:
                     raise
@@ -727,9 +980,9 @@ class IncusPusher:
                 session.close()
                 session = self._open_session(req)
                 delivery = _Delivery(session.client, req, self._sweep_due(key))
-                target, existing = delivery.resolve()
+                destination = delivery.resolve()
             self._remove_orphans(key, session)
-            delivery.run(target, existing)
+            delivery.run(destination)
         except PushError:
             self._keep_session(key, session)  # an SFTP error reply leaves the session usable
             raise

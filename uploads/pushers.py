@@ -25,6 +25,9 @@ class PushRequest:
     gid: int | None = None
     create_dirs: bool = False
     remote: str = "local"
+    # The granted directories the file must really land in, symlinks in the instance
+    # followed; None when its owner may write anywhere in the instance.
+    confined_to: tuple[str, ...] | None = None
 
 
 class PushError(Exception):
@@ -43,6 +46,11 @@ class TransientPushError(PushError):
 
 class PermanentPushError(PushError):
     permanent = True
+
+
+class OutsideGrant(PermanentPushError):
+    """The file would land outside the directories its owner was granted (a symlink in the
+    instance leads elsewhere, or a granted directory is missing): refused and audited."""
 
 
 class Pusher(Protocol):

@@ -384,11 +384,14 @@ def complete_success(*, claim: Claim) -> bool:
     return bool(updated)
 
 
-def complete_failure(*, claim: Claim, error: str, permanent: bool) -> str | None:
+def complete_failure(
+    *, claim: Claim, error: str, permanent: bool, refused: bool = False
+) -> str | None:
     """Record a failed attempt: pending again after a backoff, or failed for good.
 
     Returns the new status, or None if the claim was lost (another worker owns the task now).
-    The spool file is kept after a failure so a retry can run.
+    The spool file is kept after a failure so a retry can run. `refused`: the push would have
+    left the grant; an audit event records it with the failure.
     """
     now = timezone.now()
     task = claim.task
@@ -413,6 +416,16 @@ def complete_failure(*, claim: Claim, error: str, permanent: bool) -> str | None
         if not updated:
             return None
         _finish_attempt(claim, Outcome.FAILED if final else Outcome.RETRY, error, now)
+        if refused:
+            audit(
+                action="push",
+                outcome="refused",
+                user=task.owner,
+                task_id=task.pk,
+                instance=f"{task.remote}:{task.project}/{task.instance}",
+                path=task.path,
+                reason=error,
+            )
     if not final:
         _notify_workers()
     return Status.FAILED if final else Status.PENDING

@@ -28,7 +28,7 @@ from django.db import close_old_connections, connection, connections
 
 from uploads import metrics, selectors, services, wakeup
 from uploads.conf import uploads_settings
-from uploads.pushers import Pusher, PushError, PushRequest, build_pusher
+from uploads.pushers import OutsideGrant, Pusher, PushError, PushRequest, build_pusher
 from uploads.spool import spool_path
 
 logger = logging.getLogger(__name__)
@@ -193,27 +193,32 @@ class Worker:
     def _process(self, pusher: Pusher, claim: services.Claim) -> None:
         task = claim.task
         started = time.monotonic()
-        request = PushRequest(
-            source=spool_path(task.spool_name),
-            size=task.size,
-            instance=task.instance,
-            project=task.project,
-            path=task.path,
-            mode=task.mode,
-            uid=task.uid,
-            gid=task.gid,
-            create_dirs=task.create_dirs,
-            remote=task.remote,
-        )
         error: str | None = None
-        permanent = False
+        permanent = refused = False
         try:
-            if not request.source.is_file():
+            source = spool_path(task.spool_name)
+            if not source.is_file():
                 raise services.SpoolFileMissing("the spooled file is missing on this server")
             permission = selectors.task_permission(task)
             if not permission.allowed:
                 raise services.NotGranted(permission.reason)
-            pusher.push(request)
+            pusher.push(
+                PushRequest(
+                    source=source,
+                    size=task.size,
+                    instance=task.instance,
+                    project=task.project,
+                    path=task.path,
+                    mode=task.mode,
+                    uid=task.uid,
+                    gid=task.gid,
+                    create_dirs=task.create_dirs,
+                    remote=task.remote,
+                    confined_to=permission.confined_to,
+                )
+            )
+        except OutsideGrant as exc:
+            error, permanent, refused = exc.message, True, True
         except PushError as exc:
             error, permanent = exc.message, exc.permanent
         except services.SpoolFileMissing as exc:
@@ -228,7 +233,9 @@ class Worker:
             if error is None:
                 outcome = "succeeded" if services.complete_success(claim=claim) else None
             else:
-                outcome = services.complete_failure(claim=claim, error=error, permanent=permanent)
+                outcome = services.complete_failure(
+                    claim=claim, error=error, permanent=permanent, refused=refused
+                )
         except Exception:
             logger.exception("task=%s could not record its result; its lease will expire", task.pk)
             outcome = "unrecorded"
