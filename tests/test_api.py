@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.contrib.auth.models import Permission
 from rest_framework.test import APIClient
 
 from tests.conftest import spool_files, token_client
@@ -284,7 +285,7 @@ class TestReading:
 
 
 class TestOwnership:
-    def test_other_users_tasks_are_404_and_staff_sees_all(
+    def test_other_users_tasks_are_404_and_staff_follow_model_permissions(
         self, api: APIClient, other_user: Any, staff_user: Any
     ) -> None:
         task = raw_upload(api).json()
@@ -296,8 +297,16 @@ class TestOwnership:
         assert UploadTask.objects.get().status == Status.PENDING
 
         staff = token_client(staff_user)
+        assert staff.get(f"{URL}{task['id']}/").status_code == 404  # staff alone is not enough
+        assert staff.get(URL).json()["count"] == 0
+        staff_user.user_permissions.add(Permission.objects.get(codename="view_uploadtask"))
         assert staff.get(f"{URL}{task['id']}/").status_code == 200
         assert staff.get(URL).json()["count"] == 1
+        refused = staff.post(f"{URL}{task['id']}/cancel/")
+        assert refused.status_code == 403
+        assert "permission to change uploads" in refused.json()["detail"]
+        staff_user.user_permissions.add(Permission.objects.get(codename="change_uploadtask"))
+        assert staff.post(f"{URL}{task['id']}/cancel/").json()["status"] == "cancelled"
 
 
 class TestRetryAndCancel:

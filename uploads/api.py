@@ -322,6 +322,15 @@ class UploadViewSet(
         except (ValueError, ValidationError) as exc:
             raise NotFound() from exc
 
+    def _changeable_object(self) -> UploadTask:
+        task = self.get_object()
+        if not selectors.may_change_task(self.request.user, task):
+            raise PermissionDenied(
+                "You may see this upload but not change it: retrying or cancelling another "
+                "user's upload needs the permission to change uploads."
+            )
+        return task
+
     @extend_schema(parameters=[UploadListQuerySerializer])
     def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         query = UploadListQuerySerializer(data=request.query_params)
@@ -512,7 +521,7 @@ class UploadViewSet(
     )
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, pk: str | None = None) -> Response:
-        task = self.get_object()
+        task = self._changeable_object()
         try:
             task = services.upload_retry(task=task, actor=request.user, source=_source(request))
         except services.TaskStateError as exc:
@@ -526,7 +535,7 @@ class UploadViewSet(
     @extend_schema(request=None, responses={200: UploadTaskSerializer, 409: OpenApiResponse()})
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, pk: str | None = None) -> Response:
-        task = self.get_object()
+        task = self._changeable_object()
         try:
             task = services.upload_cancel(task=task, actor=request.user, source=_source(request))
         except services.TaskStateError as exc:

@@ -11,10 +11,22 @@ from uploads.grants import describe_owners, normal_prefix, owners_allow, path_be
 from uploads.models import Grant, Status, UploadTask, WorkerHeartbeat
 
 
+def may_see_all_tasks(user: Any) -> bool:
+    """Staff with the view permission see everyone's uploads, as in the admin; superusers too."""
+    return bool(user.is_superuser or (user.is_staff and user.has_perm("uploads.view_uploadtask")))
+
+
+def may_change_task(user: Any, task: UploadTask) -> bool:
+    """Users retry and cancel their own uploads; staff with the change permission anyone's."""
+    if task.owner_id == user.pk or user.is_superuser:
+        return True
+    return bool(user.is_staff and user.has_perm("uploads.change_uploadtask"))
+
+
 def visible_tasks(*, user: Any) -> QuerySet[UploadTask]:
-    """A user sees their own tasks; staff see all."""
+    """A user sees their own tasks; staff see what their model permissions let them."""
     tasks = UploadTask.objects.all()
-    if not user.is_staff:
+    if not may_see_all_tasks(user):
         tasks = tasks.filter(owner=user)
     return tasks
 
