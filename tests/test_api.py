@@ -389,6 +389,30 @@ class TestSessionAuth:
         assert response.json()["size"] == 3000
         assert spool_files(spool) == [UploadTask.objects.get().spool_name]
 
+    def test_a_multipart_upload_refused_by_the_csrf_check_leaves_nothing(
+        self, user: Any, spool: Path
+    ) -> None:
+        """The CSRF check reads the form, looking for the token, before the view runs: its file
+        is in the spool by the time the request is refused."""
+        from django.middleware.csrf import _get_new_csrf_string
+
+        client = APIClient(enforce_csrf_checks=True)
+        client.login(username="alice", password="pw-alice-123")
+        client.cookies["csrftoken"] = _get_new_csrf_string()
+        response = form_upload(client, csrfmiddlewaretoken=_get_new_csrf_string())
+        assert response.status_code == 403
+        assert "CSRF" in response.json()["detail"]
+        assert_nothing_queued(spool)
+
+    def test_forms_posted_elsewhere_never_reach_the_spool(self, spool: Path) -> None:
+        import io
+
+        upload = io.BytesIO(b"not an upload")
+        upload.name = "f.bin"
+        response = APIClient().post("/admin/login/", {"file": upload}, format="multipart")
+        assert response.status_code in (200, 403)
+        assert spool_files(spool) == []
+
 
 class TestSchema:
     def test_openapi_schema_and_docs(self, api: APIClient) -> None:
@@ -461,16 +485,27 @@ class TestIdempotencyKey:
         assert UploadTask.objects.count() == 1
         assert len(spool_files(spool)) == 1
 
-    def test_multipart_resend_is_answered_without_reading_the_body_again(
+    def test_multipart_resend_gets_the_first_task_and_its_part_is_not_kept(
         self, api: APIClient, spool: Path
     ) -> None:
         key = {"HTTP_IDEMPOTENCY_KEY": "k-1"}
         first = form_upload(api, headers=key)
         again = form_upload(api, b"other bytes", headers=key)
         assert again.status_code == 202
+        assert again["Idempotent-Replayed"] == "true"
         assert again.json()["id"] == first.json()["id"]
         assert again.json()["sha256"] == hashlib.sha256(b"hello\n").hexdigest()
-        assert len(spool_files(spool)) == 1
+        assert spool_files(spool) == [UploadTask.objects.get().spool_name]
+
+    def test_a_multipart_key_reused_for_another_destination_is_422(
+        self, api: APIClient, spool: Path
+    ) -> None:
+        key = {"HTTP_IDEMPOTENCY_KEY": "k-3"}
+        first = form_upload(api, headers=key).json()
+        response = form_upload(api, headers=key, path="/srv/app/other.txt")
+        assert response.status_code == 422
+        assert first["id"] in response.json()["detail"]
+        assert spool_files(spool) == [UploadTask.objects.get().spool_name]
 
     def test_keys_belong_to_their_owner(self, api: APIClient, other_user: Any, spool: Path) -> None:
         mine = raw_upload(api, idempotency_key="same").json()["id"]

@@ -8,7 +8,8 @@ from contextlib import contextmanager
 from typing import Any, cast
 
 from django.contrib.auth.models import User
-from django.http import QueryDict
+from django.http import HttpRequest, QueryDict
+from django.http.response import HttpResponseBase
 from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
@@ -316,6 +317,22 @@ class UploadViewSet(
     def get_queryset(self) -> Any:
         return selectors.visible_tasks(user=self.request.user)
 
+    def initialize_request(self, request: HttpRequest, *args: Any, **kwargs: Any) -> Request:
+        drf_request = super().initialize_request(request, *args, **kwargs)
+        if self.action == "create":
+            # Only an upload streams its file part into the spool; every other form in the
+            # service is parsed by Django's own handlers, which clean up after themselves.
+            request.upload_handlers = [spool.SpoolUploadHandler(request)]
+        return drf_request
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        try:
+            return super().dispatch(request, *args, **kwargs)
+        finally:
+            # A form can be read before the view runs (the CSRF check of session auth reads
+            # it) and refused anywhere after: whatever no task took is deleted here.
+            spool.discard_unkept(request)
+
     def get_object(self) -> UploadTask:
         try:
             return super().get_object()
@@ -385,14 +402,15 @@ class UploadViewSet(
         content_type = request.content_type.split(";")[0].strip().lower()
         owner = cast(User, request.user)  # IsAuthenticated has run
         key = _idempotency_key(request)
-        if key and (earlier := selectors.task_by_idempotency_key(owner=owner, key=key)):
-            # A resend (the answer to the first one was lost): the body is not read again.
-            # A raw upload names its destination in headers, so it can be compared first.
-            if content_type != "multipart/form-data":
-                _check_same_upload(_raw_params(request), earlier)
-            return self._replayed(request, earlier)
+        earlier = selectors.task_by_idempotency_key(owner=owner, key=key) if key else None
         if content_type == "multipart/form-data":
             params, spooled = self._receive_multipart(request)
+            if earlier is not None:
+                # A resend: its fields came in the body, so the body had to be read to compare
+                # them; the part it brought is not kept.
+                _check_same_upload(params, earlier)
+                return self._replayed(request, earlier)
+            self._check_multipart(request, params, spooled)
         elif content_type in ("application/x-www-form-urlencoded", "application/json"):
             raise UnsupportedMediaType(
                 content_type,
@@ -401,6 +419,10 @@ class UploadViewSet(
                     "(e.g. application/octet-stream) or as multipart/form-data."
                 ),
             )
+        elif earlier is not None:
+            # A resend (the answer to the first one was lost): the body is not read again.
+            _check_same_upload(_raw_params(request), earlier)
+            return self._replayed(request, earlier)
         else:
             params, spooled = self._receive_raw(request)
         try:
@@ -414,6 +436,7 @@ class UploadViewSet(
         except services.DuplicateUpload as exc:  # a resend that raced the first one
             _check_same_upload(params, exc.task)
             return self._replayed(request, exc.task)
+        spool.keep(request._request, spooled.name)
         metrics.UPLOADS_ACCEPTED.inc()
         metrics.UPLOAD_BYTES.inc(task.size)
         return self._accepted(task)
@@ -474,46 +497,42 @@ class UploadViewSet(
         return params, spooled
 
     def _receive_multipart(self, request: Request) -> tuple[dict[str, Any], spool.SpooledFile]:
+        """Read the form: its file part goes to the spool as it arrives. What is not kept for a
+        task is deleted when the request ends, whatever refused it (see `dispatch`)."""
         length = _check_capacity(request)
         if length is None:
             raise LengthRequired("A multipart upload needs a Content-Length.")
         django_request = request._request
-        kept: str | None = None
         try:
-            try:
-                with _body_read_timeout(request):
-                    form: QueryDict = request.POST
-                    files = request.FILES
-            except spool.BodyTooLarge as exc:
-                raise PayloadTooLarge(str(exc)) from exc
-            except spool.SpoolFull as exc:
-                raise InsufficientStorage() from exc
-            except OSError as exc:  # UnreadablePostError: reset, or the read timed out
-                if _timed_out(exc):
-                    raise BodyTimeout() from exc
-                raise IncompleteBody(
-                    f"the connection failed while reading the body: {exc}"
-                ) from exc
-            counter = django_request.META.get(ENVIRON_KEY)
-            if counter is not None and counter.bytes_read < length:
-                raise IncompleteBody(
-                    f"the body ended after {counter.bytes_read} of {length} bytes (Content-Length)"
-                )
-            upload = files.get("file")
-            if not isinstance(upload, spool.SpooledUpload):
-                raise ValidationError({"file": ["A 'file' part is required."]})
-            data: dict[str, Any] = {name: form.get(name) for name in FORM_FIELDS}
-            data["filename"] = upload.name or ""
-            params = _validated(data)
-            # Multipart fields arrive in the body, so this check can only run after it.
-            _check_granted(request, params, upload.spooled.size)
-            _verify_digest(params, upload.spooled)
-            kept = upload.spooled.name
-            return params, upload.spooled
-        finally:
-            for name in getattr(django_request, "spool_names", []):
-                if name != kept:
-                    spool.remove(name)
+            with _body_read_timeout(request):
+                form: QueryDict = request.POST
+                files = request.FILES
+        except spool.BodyTooLarge as exc:
+            raise PayloadTooLarge(str(exc)) from exc
+        except spool.SpoolFull as exc:
+            raise InsufficientStorage() from exc
+        except OSError as exc:  # UnreadablePostError: reset, or the read timed out
+            if _timed_out(exc):
+                raise BodyTimeout() from exc
+            raise IncompleteBody(f"the connection failed while reading the body: {exc}") from exc
+        counter = django_request.META.get(ENVIRON_KEY)
+        if counter is not None and counter.bytes_read < length:
+            raise IncompleteBody(
+                f"the body ended after {counter.bytes_read} of {length} bytes (Content-Length)"
+            )
+        upload = files.get("file")
+        if not isinstance(upload, spool.SpooledUpload):
+            raise ValidationError({"file": ["A 'file' part is required."]})
+        data: dict[str, Any] = {name: form.get(name) for name in FORM_FIELDS}
+        data["filename"] = upload.name or ""
+        return _validated(data), upload.spooled
+
+    def _check_multipart(
+        self, request: Request, params: dict[str, Any], spooled: spool.SpooledFile
+    ) -> None:
+        # Multipart fields arrive in the body, so these checks can only run after it.
+        _check_granted(request, params, spooled.size)
+        _verify_digest(params, spooled)
 
     @extend_schema(
         request=None,

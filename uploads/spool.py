@@ -229,11 +229,24 @@ class SpooledUpload(UploadedFile):
         self.spooled = spooled
 
 
+def keep(request: HttpRequest, name: str) -> None:
+    """A task now owns this spooled part: `discard_unkept` leaves it."""
+    request.spool_kept = name  # type: ignore[attr-defined]
+
+
+def discard_unkept(request: HttpRequest) -> None:
+    """Delete every part this request spooled that no task took."""
+    kept = getattr(request, "spool_kept", None)
+    for name in getattr(request, "spool_names", []):
+        if name != kept:
+            remove(name)
+
+
 class SpoolUploadHandler(FileUploadHandler):
     """Streams multipart file parts straight into the spool, 1 MiB at a time, hashing them.
 
-    Every spool name it creates is recorded on the request (`request.spool_names`) so the view
-    can delete them all when the request fails for any reason.
+    Every spool name it creates is recorded on the request (`request.spool_names`), so that
+    `discard_unkept` can delete all but the one a task took, however the request ends.
     """
 
     def __init__(self, request: HttpRequest | None = None) -> None:

@@ -138,10 +138,6 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
 }
 
-# Multipart uploads stream to the spool directory in 1 MiB chunks, hashed on the way; the
-# finished temporary file is renamed into the spool, never copied.
-FILE_UPLOAD_HANDLERS = ["uploads.spool.SpoolUploadHandler"]
-
 UPLOADS = {
     "SPOOL_DIR": env.path("UPLOADS_SPOOL_DIR", default=VAR_DIR / "spool"),
     "MAX_UPLOAD_SIZE": env.int("UPLOADS_MAX_UPLOAD_SIZE", default=10 * 1024**3),
