@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 SECRET := var/secret-key
 
 # A local secret key, made once, so the service runs with DEBUG off without setup.
-export DJANGO_SECRET_KEY ?= $(shell mkdir -p var && { test -s $(SECRET) || $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(50))' > $(SECRET); } && cat $(SECRET))
+export DJANGO_SECRET_KEY ?= $(shell mkdir -p var && { test -s $(SECRET) || (umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(50))' > $(SECRET)); } && cat $(SECRET))
 
 .PHONY: run test faults lint format incus bench clean
 

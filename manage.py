@@ -7,6 +7,10 @@ import sys
 
 def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "uploadsvc.settings")
+    from uploads.localfiles import UMASK
+
+    # What the service's commands create (the SQLite database, above all) is its user's alone.
+    os.umask(UMASK)
     from django.core.management import execute_from_command_line
 
     execute_from_command_line(sys.argv)

@@ -55,7 +55,7 @@ class SpooledFile:
 
 def spool_dir() -> Path:
     path = uploads_settings.spool_dir
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
 
 
@@ -138,7 +138,9 @@ class SpoolWriter:
     def __init__(self) -> None:
         self.name = uuid.uuid4().hex
         self._part = spool_dir() / f"{self.name}{PART_SUFFIX}"
-        self._file: IO[bytes] | None = open(self._part, "xb")  # noqa: SIM115
+        # Users' files: readable by the service's user only.
+        fd = os.open(self._part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._file: IO[bytes] | None = os.fdopen(fd, "wb")
         self._hash = _Sha256()
         self.size = 0
         self._committed = False

@@ -18,6 +18,9 @@ env = environ.Env()
 if (BASE_DIR / ".env").exists():
     env.read_env(BASE_DIR / ".env")
 
+# Where `make` keeps the secret key it generates for a local run (private to the service's user).
+LOCAL_SECRET_KEY_FILE = VAR_DIR / "secret-key"
+
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
 if DEBUG:
     SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="insecure-debug-only-key")  # noqa: S105

@@ -6,6 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
+from uploads.localfiles import make_private
 from uploads.worker import Worker
 
 
@@ -45,6 +46,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         level = {0: logging.WARNING, 1: logging.INFO}.get(options["verbosity"], logging.DEBUG)
         logging.getLogger("uploads").setLevel(level)
+        make_private()
         worker = Worker(
             threads=options["threads"],
             poll_interval=options["poll_interval"],
