@@ -242,9 +242,9 @@ def test_user_throttle_is_configurable(api: APIClient, settings: Any) -> None:
     }
     UserRateThrottle.THROTTLE_RATES = {"user": "2/min"}
     try:
-        from django.core.cache import cache
+        from django.core.cache import caches
 
-        cache.clear()
+        caches["throttle"].clear()
         codes = [api.get("/api/uploads/").status_code for _ in range(3)]
     finally:
         UserRateThrottle.THROTTLE_RATES = {"user": None}

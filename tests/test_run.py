@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,29 +39,46 @@ def listening(port: int) -> bool:
     return True
 
 
+@contextmanager
+def run_script(spool: Path, tmp_path: Path, **env: str) -> Iterator[tuple[int, Path, Any]]:
+    """`scripts/run` on the test database and spool, on a free port: (port, log, process).
+    Stopped with SIGTERM at the end unless the test stopped it."""
+    port = free_port()
+    log = tmp_path / "run.log"
+    environment = subprocess_env(
+        spool,
+        BIN=str(Path(sys.executable).parent),
+        PORT=str(port),
+        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prometheus"),
+        **env,
+    )
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            ["scripts/run"], cwd=ROOT, env=environment, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_until(lambda: listening(port), 30, "the web server")
+        yield port, log, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+
+
 def test_the_run_script_delivers_and_stops_cleanly_on_sigterm(
     user: Any, spool: Path, tmp_path: Path, incus: str
 ) -> None:
     grant_everything(user)
     key = Token.objects.create(user=user).key
-    port = free_port()
-    log = tmp_path / "run.log"
-    env = subprocess_env(
+    script = run_script(
         spool,
-        BIN=str(Path(sys.executable).parent),
-        PORT=str(port),
+        tmp_path,
         WEB_WORKERS="1",
         WEB_THREADS="2",
         PUSH_THREADS="1",
-        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prometheus"),
         UPLOADS_INCUS_ENDPOINT=incus,
     )
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            ["scripts/run"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    try:
-        wait_until(lambda: listening(port), 30, "the web server")
+    with script as (port, log, proc):
         path = f"/tmp/uploadsvc-run-{uuid.uuid4().hex[:8]}.txt"
         body = b"from scripts/run\n"
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -89,10 +108,26 @@ def test_the_run_script_delivers_and_stops_cleanly_on_sigterm(
         conn.close()
         assert run_in(RUNNING, "cat", path).encode() == body
         run_in(RUNNING, "rm", "-f", path)
-    finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
     output = log.read_text()
     assert code == 0, output
     assert "stopped after 1 push(es)" in output
     assert not listening(port)
+
+
+def test_throttling_counts_per_user_across_web_processes(
+    user: Any, spool: Path, tmp_path: Path
+) -> None:
+    """Each request on a new connection, so the two web processes share them out; a count kept
+    per process would let up to twice the rate through."""
+    key = Token.objects.create(user=user).key
+    with run_script(spool, tmp_path, WEB_WORKERS="2", DJANGO_THROTTLE_USER_RATE="5/min") as run:
+        port = run[0]
+        codes = []
+        for _ in range(14):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", "/api/uploads/", headers={"Authorization": f"Token {key}"})
+            codes.append(conn.getresponse().status)
+            conn.close()
+    assert codes == [200] * 5 + [429] * 9

@@ -114,6 +114,15 @@ WHITENOISE_USE_FINDERS = True
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    # Request counts for throttling, in a table of the service's database (made by `migrate`).
+    "throttle": {
+        "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+        "LOCATION": "uploadsvc_throttle_cache",
+    },
+}
+
 REST_FRAMEWORK: dict[str, Any] = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "uploads.authentication.ExpiringTokenAuthentication",
@@ -124,9 +133,9 @@ REST_FRAMEWORK: dict[str, Any] = {
     "EXCEPTION_HANDLER": "uploads.exceptions.exception_handler",
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
-    # Per-user request rate, e.g. "600/min"; off unless set. Counts live in the cache (per
-    # process with the default local-memory cache).
-    "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.UserRateThrottle"],
+    # Per-user request rate, e.g. "600/min"; off unless set. Counted in the database cache
+    # below, shared by every web process.
+    "DEFAULT_THROTTLE_CLASSES": ["uploads.throttling.SharedUserRateThrottle"],
     "DEFAULT_THROTTLE_RATES": {"user": env.str("DJANGO_THROTTLE_USER_RATE", default=None)},
 }
 
