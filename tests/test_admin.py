@@ -18,7 +18,7 @@ from django.utils.html import escape
 
 from tests.conftest import spool_files
 from tests.factories import make_task
-from uploads import services
+from uploads import queue, services
 from uploads.models import AuditEvent, Outcome, Status, UploadAttempt, UploadTask
 
 pytestmark = pytest.mark.django_db
@@ -60,8 +60,8 @@ def run_action(client: Client, action: str, tasks: list[UploadTask]) -> Any:
 
 def fail_one_attempt(error: str) -> None:
     """Push the ready tasks once, the way a worker does, and fail them for good."""
-    for claim in services.claim_tasks(worker_id="worker-a", limit=10):
-        services.complete_failure(claim=claim, error=error, permanent=True)
+    for claim in queue.claim_tasks(worker_id="worker-a", limit=10):
+        queue.complete_failure(claim=claim, error=error, permanent=True)
 
 
 @pytest.fixture
@@ -558,7 +558,7 @@ class TestChangePage:
 
     def test_unset_values_show_as_empty_not_none(self, admin_client: Client, user: Any) -> None:
         task = make_task(user)
-        services.claim_tasks(worker_id="worker-a", limit=1)  # a running attempt: no duration yet
+        queue.claim_tasks(worker_id="worker-a", limit=1)  # a running attempt: no duration yet
         html = admin_client.get(change_url(task)).content.decode()
         assert re.search(r'<td class="field-duration_display">\s*<p>-</p>\s*</td>', html)
         assert re.search(r'Mode:</label>\s*<div class="readonly">-</div>', html)
@@ -619,8 +619,8 @@ class TestAttemptAdmin:
         task = make_task(user)
         fail_one_attempt("boom")
         make_task(user)
-        for claim in services.claim_tasks(worker_id="worker-b", limit=10):
-            services.complete_success(claim=claim)
+        for claim in queue.claim_tasks(worker_id="worker-b", limit=10):
+            queue.complete_success(claim=claim)
         url = reverse("admin:uploads_uploadattempt_changelist")
         response = admin_client.get(url, {"outcome__exact": Outcome.FAILED})
         assert response.status_code == 200

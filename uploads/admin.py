@@ -33,6 +33,7 @@ from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from uploads import selectors, services, spool
+from uploads.audit import audit
 from uploads.conf import uploads_settings
 from uploads.grants import parse_owner
 from uploads.models import AuditEvent, Grant, Status, UploadAttempt, UploadTask, WorkerHeartbeat
@@ -717,7 +718,7 @@ class GrantAdmin(GrantAdminBase):
         detail: dict[str, Any] = {"grant": str(obj), "grant_id": obj.pk}
         if change:
             detail.update(previous=previous, changed=list(form.changed_data))
-        services.audit(
+        audit(
             action="grant",
             outcome="changed" if change else "created",
             user=request.user,

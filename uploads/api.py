@@ -28,6 +28,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from uploads import metrics, selectors, services, spool
+from uploads.audit import audit
 from uploads.conf import uploads_settings
 from uploads.exceptions import (
     BodyTimeout,
@@ -388,7 +389,7 @@ class UploadViewSet(
             return self._create(request)
         except APIException as exc:
             metrics.UPLOADS_REFUSED.labels(status=str(exc.status_code)).inc()
-            services.audit(
+            audit(
                 action="upload",
                 outcome="refused",
                 user=request.user,
@@ -450,7 +451,7 @@ class UploadViewSet(
         )
 
     def _replayed(self, request: Request, task: UploadTask) -> Response:
-        services.audit(
+        audit(
             action="upload",
             outcome="replayed",
             user=request.user,

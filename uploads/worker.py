@@ -12,7 +12,6 @@ The first SIGTERM/SIGINT drains, a second one releases what is in flight and exi
 import functools
 import logging
 import os
-import queue
 import random
 import signal
 import socket
@@ -20,13 +19,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
+from queue import SimpleQueue
 from types import FrameType
 from typing import Any
 
 from django.db import close_old_connections, connection, connections
 
-from uploads import metrics, selectors, services, wakeup
+from uploads import metrics, queue, selectors, services
 from uploads.conf import uploads_settings
 from uploads.pushers import OutsideGrant, Pusher, PushError, PushRequest, build_pusher
 from uploads.spool import spool_path
@@ -59,8 +58,8 @@ class Worker:
         self._stopping = threading.Event()
         self._force = threading.Event()
         self._wake = threading.Event()
-        self._jobs: queue.SimpleQueue[services.Claim | None] = queue.SimpleQueue()
-        self._in_flight: dict[uuid.UUID, services.Claim] = {}
+        self._jobs: SimpleQueue[queue.Claim | None] = SimpleQueue()
+        self._in_flight: dict[uuid.UUID, queue.Claim] = {}
         self._lock = threading.Lock()
         self.processed = 0
 
@@ -113,18 +112,23 @@ class Worker:
         for thread in pool:
             thread.start()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
-        if not self.burst and connection.vendor == "postgresql":
-            threading.Thread(target=self._listen_loop, name="listen", daemon=True).start()
-        elif not self.burst and (pipe := wakeup.pipe_path()) is not None:
+        if not self.burst:
             threading.Thread(
-                target=self._doorbell_loop, args=(pipe,), name="doorbell", daemon=True
+                target=queue.listen_for_work,
+                kwargs={
+                    "wake": self._wake,
+                    "stopping": self._stopping,
+                    "retry": self.poll_interval,
+                },
+                name="listen",
+                daemon=True,
             ).start()
         try:
             self._loop()
             return self._drain(pool)
         finally:
             self._stopping.set()
-            self._guarded(lambda: services.worker_gone(worker_id=self.worker_id))
+            self._guarded(lambda: queue.worker_gone(worker_id=self.worker_id))
             connection.close()
 
     def _report_target(self) -> None:
@@ -145,10 +149,10 @@ class Worker:
             self._wake.clear()
             now = time.monotonic()
             if now - last_reap >= self.poll_interval:
-                self._guarded(services.reap_expired_leases)
+                self._guarded(queue.reap_expired_leases)
                 last_reap = now
             free = self.threads - len(self._in_flight)
-            claims: list[services.Claim] = []
+            claims: list[queue.Claim] = []
             if free > 0:
                 claims = self._guarded(functools.partial(self._claim, free)) or []
                 for claim in claims:
@@ -161,8 +165,8 @@ class Worker:
             # Sleep until a push ends, a NOTIFY or a ring arrives, or the poll is due.
             self._wake.wait(self.poll_interval * random.uniform(0.8, 1.2))  # noqa: S311
 
-    def _claim(self, limit: int) -> list[services.Claim]:
-        return services.claim_tasks(worker_id=self.worker_id, limit=limit)
+    def _claim(self, limit: int) -> list[queue.Claim]:
+        return queue.claim_tasks(worker_id=self.worker_id, limit=limit)
 
     def _guarded(self, fn: Callable[[], Any]) -> Any:
         """Run a queue statement; a database hiccup is logged and retried next round."""
@@ -190,7 +194,7 @@ class Worker:
             pusher.close()
             connections.close_all()
 
-    def _process(self, pusher: Pusher, claim: services.Claim) -> None:
+    def _process(self, pusher: Pusher, claim: queue.Claim) -> None:
         task = claim.task
         started = time.monotonic()
         error: str | None = None
@@ -231,9 +235,9 @@ class Worker:
         outcome: str | None
         try:
             if error is None:
-                outcome = "succeeded" if services.complete_success(claim=claim) else None
+                outcome = "succeeded" if queue.complete_success(claim=claim) else None
             else:
-                outcome = services.complete_failure(
+                outcome = queue.complete_failure(
                     claim=claim, error=error, permanent=permanent, refused=refused
                 )
         except Exception:
@@ -271,8 +275,8 @@ class Worker:
                 return
             try:
                 if tokens:
-                    services.renew_leases(tokens=tokens)
-                services.worker_beat(
+                    queue.renew_leases(tokens=tokens)
+                queue.worker_beat(
                     worker_id=self.worker_id,
                     threads=self.threads,
                     in_flight=len(tokens),
@@ -284,32 +288,6 @@ class Worker:
                 # Beats are seconds apart: holding a connection between them is not worth it.
                 connection.close()
             self._force.wait(interval)
-
-    def _listen_loop(self) -> None:
-        import psycopg
-
-        while not self._stopping.is_set():
-            try:
-                params = connection.get_connection_params()
-                with psycopg.connect(**params, autocommit=True) as conn:
-                    conn.execute(f"LISTEN {services.NOTIFY_CHANNEL}")
-                    while not self._stopping.is_set():
-                        for _ in conn.notifies(timeout=1.0, stop_after=1):
-                            self._wake.set()
-            except Exception as exc:
-                logger.warning("LISTEN connection failed (%s); polling meanwhile", exc)
-                self._stopping.wait(self.poll_interval * 5)
-
-    def _doorbell_loop(self, pipe: Path) -> None:
-        try:
-            bell = wakeup.Doorbell(pipe)
-        except OSError as exc:
-            logger.warning("no wake-up pipe at %s (%s); polling only", pipe, exc)
-            return
-        with bell:
-            while not self._stopping.is_set():
-                if bell.wait(timeout=1.0):
-                    self._wake.set()
 
     # --- shutdown -----------------------------------------------------------------------
 
@@ -331,7 +309,7 @@ class Worker:
         released = 0
         for claim in unfinished:
             try:
-                released += services.release_claim(claim=claim)
+                released += queue.release_claim(claim=claim)
             except Exception:
                 logger.exception("task=%s not released; its lease will expire", claim.task.pk)
         logger.warning("released %d unfinished push(es) for another worker", released)
