@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "uploadsvc.settings")
@@ -83,7 +84,11 @@ def big_file(instance: str, source: Path, size: int, runs: int, workdir: str) ->
                 started = time.monotonic()
                 if name == "pusher":
                     request = PushRequest(
-                        source=source, size=size, instance=instance, project="default", path=path
+                        open_source=partial(open, source, "rb"),
+                        size=size,
+                        instance=instance,
+                        project="default",
+                        path=path,
                     )
                     pusher.push(request)
                 else:
@@ -120,7 +125,7 @@ def small_files(instance: str, directory: Path, count: int, workdir: str) -> Non
                 for n in range(count):
                     pusher.push(
                         PushRequest(
-                            source=source,
+                            open_source=partial(open, source, "rb"),
                             size=1024,
                             instance=instance,
                             project="default",

@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ def push(
     source = source_file(tmp_path, body)
     pusher.push(
         PushRequest(
-            source=source,
+            open_source=partial(open, source, "rb"),
             size=len(body),
             instance=instance,
             project=project,
@@ -161,7 +162,11 @@ def test_a_reader_never_sees_a_partial_file_during_an_overwrite(
                 time.sleep(0.02)
             pusher.push(
                 PushRequest(
-                    source=new_source, size=new_size, instance=RUNNING, project="default", path=path
+                    open_source=partial(open, new_source, "rb"),
+                    size=new_size,
+                    instance=RUNNING,
+                    project="default",
+                    path=path,
                 )
             )
             time.sleep(0.2)
@@ -369,7 +374,13 @@ def test_size_mismatch_is_transient_and_keeps_the_old_file(
     source = source_file(tmp_path, b"new")
     with pytest.raises(TransientPushError):
         pusher.push(
-            PushRequest(source=source, size=4, instance=RUNNING, project="default", path=path)
+            PushRequest(
+                open_source=partial(open, source, "rb"),
+                size=4,
+                instance=RUNNING,
+                project="default",
+                path=path,
+            )
         )
     assert run_in(RUNNING, "cat", path) == "good old content\n"
     assert listing(RUNNING, workdir) == [".", "..", "sized.txt"]

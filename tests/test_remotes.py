@@ -5,6 +5,7 @@ import hashlib
 import os
 import subprocess
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ def tls(incus: str, settings: Any) -> dict[str, Any]:
 
 def request(path: str, body: Path, **kw: Any) -> PushRequest:
     return PushRequest(
-        source=body,
+        open_source=partial(open, body, "rb"),
         size=body.stat().st_size,
         instance=RUNNING,
         project="default",

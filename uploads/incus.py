@@ -603,7 +603,7 @@ class _Delivery:
         handle.set_pipelined(True)
         sent = 0
         try:
-            source = open(req.source, "rb", buffering=0)
+            source = req.open_source()
         except OSError as exc:
             raise TransientPushError(f"cannot read the spooled file: {exc}") from exc
         with source:

@@ -13,8 +13,6 @@ from pathlib import Path
 from django.conf import settings
 from django.db import connections
 
-from uploads.conf import uploads_settings
-
 logger = logging.getLogger(__name__)
 
 PRIVATE_FILE = 0o600
@@ -23,7 +21,7 @@ PRIVATE_DIR = 0o700
 UMASK = 0o077
 
 
-def _restrict(path: Path, mode: int) -> bool:
+def restrict(path: Path, mode: int) -> bool:
     """chmod `path` to `mode` when it exists and allows more; True when it changed."""
     try:
         current = stat.S_IMODE(path.lstat().st_mode)
@@ -48,19 +46,11 @@ def _sqlite_files() -> list[Path]:
 def make_private() -> int:
     """Restrict the secret key file, the SQLite database files and the spool; returns how many
     were changed (each is logged)."""
+    from uploads import spool  # imported here: the spool uses this module's modes
+
     files = [Path(settings.LOCAL_SECRET_KEY_FILE), *_sqlite_files()]
-    changed = [path for path in files if _restrict(path, PRIVATE_FILE)]
-    spool = uploads_settings.spool_dir
-    if _restrict(spool, PRIVATE_DIR):
-        changed.append(spool)
-    if spool.is_dir():
-        with os.scandir(spool) as entries:
-            changed += [
-                Path(entry.path)
-                for entry in entries
-                if entry.is_file(follow_symlinks=False)
-                and _restrict(Path(entry.path), PRIVATE_FILE)
-            ]
+    changed = [path for path in files if restrict(path, PRIVATE_FILE)]
+    changed += spool.make_private()
     for path in changed:
         logger.warning("%s was readable by other users; it is now private to this user", path)
     return len(changed)

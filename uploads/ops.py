@@ -2,7 +2,6 @@
 Prometheus. Both are unauthenticated and reveal no instance names or paths."""
 
 import os
-import tempfile
 from typing import Any
 
 from django.db import connection
@@ -26,17 +25,6 @@ def _check_database() -> str | None:
     return None
 
 
-def _check_spool() -> str | None:
-    try:
-        with tempfile.NamedTemporaryFile(dir=spool.spool_dir(), prefix=".healthz-"):
-            pass
-    except OSError as exc:
-        return f"not writable: {exc.strerror}"
-    if not spool.has_room_for(0):
-        return "full"
-    return None
-
-
 def _check_remote(name: str) -> str | None:
     pusher = IncusPusher.for_remote(name, timeout=HEALTH_TIMEOUT)
     try:
@@ -50,7 +38,7 @@ def _check_remote(name: str) -> str | None:
 def healthz(request: HttpRequest) -> JsonResponse:
     checks: dict[str, Any] = {
         "database": _check_database() or "ok",
-        "spool": _check_spool() or "ok",
+        "spool": spool.problem() or "ok",
         "incus": {name: _check_remote(name) or "ok" for name in uploads_settings.remotes},
     }
     healthy = (

@@ -4,9 +4,9 @@ The pusher is chosen by `UPLOADS['PUSHER']` (a dotted path, like Django's EMAIL_
 Incus pusher by default, the null pusher to measure the queue on its own.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from django.utils.module_loading import import_string
 
@@ -15,7 +15,8 @@ from uploads.conf import uploads_settings
 
 @dataclass(frozen=True)
 class PushRequest:
-    source: Path
+    # Opens the body to push, from its start; may raise PushError.
+    open_source: Callable[[], BinaryIO]
     size: int
     instance: str
     project: str
@@ -55,7 +56,7 @@ class OutsideGrant(PermanentPushError):
 
 class Pusher(Protocol):
     def push(self, request: PushRequest) -> None:
-        """Deliver `request.source` to the instance, or raise PushError."""
+        """Deliver the request's body to the instance, or raise PushError."""
 
     def check(self) -> str | None:
         """None when the target is reachable, else why not (for start-up and health)."""

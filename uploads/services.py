@@ -246,14 +246,9 @@ def purge_finished(
         deleted_tasks += per_model.get(UploadTask._meta.label, 0)
         deleted_files += sum(spool.remove(name) for _, name in batch)
     if orphans_before is not None:
-        cutoff = orphans_before.timestamp()
-        for path in spool.spool_dir().iterdir():
-            name = path.name.removesuffix(spool.PART_SUFFIX)
-            if path.stat().st_mtime >= cutoff:
-                continue
+        for name in spool.names(modified_before=orphans_before.timestamp()):
             if not UploadTask.objects.filter(spool_name=name).exclude(status__in=FINISHED).exists():
-                path.unlink(missing_ok=True)
-                deleted_files += 1
+                deleted_files += spool.remove(name)
     logger.info("purged %d task(s) and %d spool file(s)", deleted_tasks, deleted_files)
     return PurgeResult(tasks=deleted_tasks, spool_files=deleted_files)
 

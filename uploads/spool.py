@@ -1,4 +1,6 @@
-"""The spool: where an upload's bytes wait on disk until a worker pushes them.
+"""The spool: where an upload's bytes wait until a worker pushes them. Every spool operation
+is here -- write while receiving, open for reading, exists, remove, list for purge, health,
+permissions -- so that nothing else knows where or how bodies are kept.
 
 Files are written as `<uuid>.part`, hashed and counted on the way, and renamed to `<uuid>` only
 once complete, so a finished spool name always names a whole file. Names never come from client
@@ -10,18 +12,20 @@ import hashlib
 import os
 import queue
 import shutil
+import tempfile
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 from django.core.files.uploadedfile import UploadedFile
 from django.core.files.uploadhandler import FileUploadHandler
 from django.http import HttpRequest
 
 from uploads.conf import uploads_settings
+from uploads.localfiles import PRIVATE_DIR, PRIVATE_FILE, restrict
 
 PART_SUFFIX = ".part"
 
@@ -42,20 +46,20 @@ class TruncatedBody(SpoolError):
     pass
 
 
+class BodyMissing(Exception):
+    """No body is kept under this name (any more)."""
+
+
 @dataclass(frozen=True)
 class SpooledFile:
     name: str
     size: int
     sha256: str
 
-    @property
-    def path(self) -> Path:
-        return spool_path(self.name)
-
 
 def spool_dir() -> Path:
     path = uploads_settings.spool_dir
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     return path
 
 
@@ -66,6 +70,52 @@ def spool_path(name: str) -> Path:
 def has_room_for(size: int) -> bool:
     free = shutil.disk_usage(spool_dir()).free
     return free >= size + uploads_settings.SPOOL_RESERVE_BYTES
+
+
+def open_body(name: str) -> BinaryIO:
+    """The kept body, for reading from the start; BodyMissing when there is none."""
+    try:
+        return open(spool_path(name), "rb", buffering=0)
+    except FileNotFoundError as exc:
+        raise BodyMissing(name) from exc
+
+
+def names(*, modified_before: float) -> Iterator[str]:
+    """Every name the spool holds (partial files too) not modified since `modified_before` (a
+    timestamp), for purging what no task references."""
+    with os.scandir(spool_dir()) as entries:
+        for entry in entries:
+            try:
+                modified = entry.stat(follow_symlinks=False).st_mtime
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            if modified < modified_before:
+                yield entry.name.removesuffix(PART_SUFFIX)
+
+
+def problem() -> str | None:
+    """Why new bodies cannot be kept right now, or None."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=spool_dir(), prefix=".healthz-"):
+            pass
+    except OSError as exc:
+        return f"not writable: {exc.strerror}"
+    if not has_room_for(0):
+        return "full"
+    return None
+
+
+def make_private() -> list[Path]:
+    """Restrict the spool and what it holds to the service's user; what changed."""
+    directory = uploads_settings.spool_dir
+    changed = [directory] if restrict(directory, PRIVATE_DIR) else []
+    if directory.is_dir():
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                path = Path(entry.path)
+                if entry.is_file(follow_symlinks=False) and restrict(path, PRIVATE_FILE):
+                    changed.append(path)
+    return changed
 
 
 def remove(name: str) -> bool:
@@ -139,7 +189,7 @@ class SpoolWriter:
         self.name = uuid.uuid4().hex
         self._part = spool_dir() / f"{self.name}{PART_SUFFIX}"
         # Users' files: readable by the service's user only.
-        fd = os.open(self._part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(self._part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
         self._file: IO[bytes] | None = os.fdopen(fd, "wb")
         self._hash = _Sha256()
         self.size = 0

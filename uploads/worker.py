@@ -21,20 +21,33 @@ import uuid
 from collections.abc import Callable
 from queue import SimpleQueue
 from types import FrameType
-from typing import Any
+from typing import Any, BinaryIO
 
 from django.db import close_old_connections, connection, connections
 
-from uploads import metrics, queue, selectors, services
+from uploads import metrics, queue, selectors, services, spool
 from uploads.conf import uploads_settings
-from uploads.pushers import OutsideGrant, Pusher, PushError, PushRequest, build_pusher
-from uploads.spool import spool_path
+from uploads.pushers import (
+    OutsideGrant,
+    PermanentPushError,
+    Pusher,
+    PushError,
+    PushRequest,
+    build_pusher,
+)
 
 logger = logging.getLogger(__name__)
 
 
 def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _open_body(name: str) -> BinaryIO:
+    try:
+        return spool.open_body(name)
+    except spool.BodyMissing as exc:
+        raise PermanentPushError("the spooled file is missing on this server") from exc
 
 
 class Worker:
@@ -200,15 +213,14 @@ class Worker:
         error: str | None = None
         permanent = refused = False
         try:
-            source = spool_path(task.spool_name)
-            if not source.is_file():
+            if not spool.exists(task.spool_name):
                 raise services.SpoolFileMissing("the spooled file is missing on this server")
             permission = selectors.task_permission(task)
             if not permission.allowed:
                 raise services.NotGranted(permission.reason)
             pusher.push(
                 PushRequest(
-                    source=source,
+                    open_source=functools.partial(_open_body, task.spool_name),
                     size=task.size,
                     instance=task.instance,
                     project=task.project,
