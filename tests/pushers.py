@@ -4,7 +4,7 @@ says why it is not the real Incus pusher."""
 import os
 import time
 
-from uploads.pushers import NullPusher, PushRequest, TransientPushError
+from uploads.pushers import NotHeld, NullPusher, PushRequest, TransientPushError
 
 
 class FailTwicePusher(NullPusher):
@@ -31,3 +31,19 @@ class SlowPusher(NullPusher):
 
     def push(self, request: PushRequest) -> None:
         time.sleep(float(os.environ.get("SLOW_PUSH_SECONDS", "2")))
+
+
+class PublishingPusher(NullPusher):
+    """Works for SLOW_PUSH_SECONDS, then "publishes" -- appends the task's path and this
+    process's id to PUBLISH_LOG -- only if the worker still holds the task, as the Incus pusher
+    checks right before its rename. Lets a test count deliveries across processes that are
+    paused, killed or racing each other, which a real Incus cannot be made to do on demand."""
+
+    def push(self, request: PushRequest) -> None:
+        deadline = time.monotonic() + float(os.environ.get("SLOW_PUSH_SECONDS", "2"))
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not request.held():
+            raise NotHeld(f"no longer held: {request.path}")
+        with open(os.environ["PUBLISH_LOG"], "a") as log:
+            log.write(f"{request.path} {os.getpid()}\n")

@@ -20,6 +20,7 @@ from tests.conftest import spool_files
 from tests.factories import make_task
 from uploads import queue, services
 from uploads.models import AuditEvent, Outcome, Status, UploadAttempt, UploadTask
+from uploads.queue import Completion, Result
 
 pytestmark = pytest.mark.django_db
 
@@ -60,8 +61,8 @@ def run_action(client: Client, action: str, tasks: list[UploadTask]) -> Any:
 
 def fail_one_attempt(error: str) -> None:
     """Push the ready tasks once, the way a worker does, and fail them for good."""
-    for claim in queue.claim_tasks(worker_id="worker-a", limit=10):
-        queue.complete_failure(claim=claim, error=error, permanent=True)
+    claims = queue.claim(worker_id="worker-a", limit=10)
+    queue.complete([Completion(claim, Result.PERMANENT, error) for claim in claims])
 
 
 @pytest.fixture
@@ -284,7 +285,8 @@ class TestActions:
         assert texts(response) == ["Cancelled 2 uploads; skipped 1 that was not pending."]
         statuses = dict(UploadTask.objects.values_list("pk", "status"))
         assert statuses == {first.pk: "cancelled", second.pk: "cancelled", bad.pk: "failed"}
-        assert spool_files(spool) == [bad.spool_name]
+        # Kept until purge, so that each can still be retried.
+        assert spool_files(spool) == sorted(t.spool_name for t in (first, second, bad))
 
     def test_retry_selected_counts_owners_without_a_grant(
         self, admin_client: Client, user: Any, django_user_model: Any
@@ -558,7 +560,7 @@ class TestChangePage:
 
     def test_unset_values_show_as_empty_not_none(self, admin_client: Client, user: Any) -> None:
         task = make_task(user)
-        queue.claim_tasks(worker_id="worker-a", limit=1)  # a running attempt: no duration yet
+        queue.claim(worker_id="worker-a", limit=1)  # a running attempt: no duration yet
         html = admin_client.get(change_url(task)).content.decode()
         assert re.search(r'<td class="field-duration_display">\s*<p>-</p>\s*</td>', html)
         assert re.search(r'Mode:</label>\s*<div class="readonly">-</div>', html)
@@ -619,8 +621,8 @@ class TestAttemptAdmin:
         task = make_task(user)
         fail_one_attempt("boom")
         make_task(user)
-        for claim in queue.claim_tasks(worker_id="worker-b", limit=10):
-            queue.complete_success(claim=claim)
+        claims = queue.claim(worker_id="worker-b", limit=10)
+        queue.complete([Completion(claim, Result.SUCCEEDED) for claim in claims])
         url = reverse("admin:uploads_uploadattempt_changelist")
         response = admin_client.get(url, {"outcome__exact": Outcome.FAILED})
         assert response.status_code == 200

@@ -310,13 +310,15 @@ class TestOwnership:
 
 
 class TestRetryAndCancel:
-    def test_cancel_pending_removes_spool_file(self, api: APIClient, spool: Path) -> None:
+    def test_cancel_pending_keeps_the_spool_file_for_a_retry(
+        self, api: APIClient, spool: Path
+    ) -> None:
         task = raw_upload(api).json()
         response = api.post(f"{URL}{task['id']}/cancel/")
         assert response.status_code == 200
         assert response.json()["status"] == "cancelled"
         assert response.json()["finished_at"] is not None
-        assert spool_files(spool) == []
+        assert spool_files(spool) == [UploadTask.objects.get().spool_name]
         again = api.post(f"{URL}{task['id']}/cancel/")
         assert again.status_code == 409
         assert "pending" in again.json()["detail"]
@@ -341,9 +343,17 @@ class TestRetryAndCancel:
         assert response.status_code == 409
         assert "failed or cancelled" in response.json()["detail"]
 
-    def test_retry_cancelled_task_without_spool_file_is_410(self, api: APIClient) -> None:
+    def test_a_cancelled_upload_can_be_retried(self, api: APIClient) -> None:
         task = raw_upload(api).json()
         api.post(f"{URL}{task['id']}/cancel/")
+        response = api.post(f"{URL}{task['id']}/retry/")
+        assert response.status_code == 200
+        assert response.json()["status"] == "pending"
+
+    def test_retry_without_spool_file_is_410(self, api: APIClient, spool: Path) -> None:
+        task = raw_upload(api).json()
+        api.post(f"{URL}{task['id']}/cancel/")
+        (spool / UploadTask.objects.get().spool_name).unlink()
         response = api.post(f"{URL}{task['id']}/retry/")
         assert response.status_code == 410
         assert "upload it again" in response.json()["detail"]

@@ -6,6 +6,7 @@ Checked from inside the instance with the incus CLI, never through the pusher it
 
 import hashlib
 import os
+import posixpath
 import subprocess
 import threading
 import time
@@ -30,7 +31,13 @@ from tests.incus_utils import (
     unique_dir,
 )
 from uploads.incus import IncusPusher
-from uploads.pushers import OutsideGrant, PermanentPushError, PushRequest, TransientPushError
+from uploads.pushers import (
+    NotHeld,
+    OutsideGrant,
+    PermanentPushError,
+    PushRequest,
+    TransientPushError,
+)
 
 pytestmark = pytest.mark.incus
 
@@ -246,6 +253,35 @@ def test_a_stale_temporary_sibling_is_removed_by_the_next_push(
         "app.conf",
     ]
     assert run_in(RUNNING, "cat", f"{workdir}/app.conf") == "complete\n"
+
+
+def test_a_live_pushs_temporary_sibling_is_not_swept_as_stale(
+    pusher: IncusPusher, tmp_path: Path, workdir: str
+) -> None:
+    """A push may leave its sibling untouched for as long as one request can stall (the Incus
+    timeout, 30 s for this pusher): a sibling idle for 45 s may still be alive and stays; one
+    idle for longer than twice the timeout was left by a dead push and goes."""
+    alive = f"{workdir}/.app.conf.uploadsvc-0123456789ab.tmp"
+    dead = f"{workdir}/.app.conf.uploadsvc-ba9876543210.tmp"
+    run_in(RUNNING, "sh", "-c", f"echo partial > {alive} && echo partial > {dead}")
+    for path, age in ((alive, 45), (dead, 61)):
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() - age))
+        run_in(RUNNING, "env", "TZ=UTC", "touch", "-d", stamp, path)
+    push(pusher, tmp_path, b"complete\n", f"{workdir}/app.conf")
+    assert listing(RUNNING, workdir) == [".", "..", posixpath.basename(alive), "app.conf"]
+
+
+def test_a_push_its_worker_no_longer_holds_publishes_nothing(
+    pusher: IncusPusher, tmp_path: Path, workdir: str
+) -> None:
+    """Another worker took the task over: the push stops before the rename, and its
+    temporary sibling goes too."""
+    path = f"{workdir}/taken.txt"
+    push(pusher, tmp_path, b"the old content\n", path)
+    with pytest.raises(NotHeld):
+        push(pusher, tmp_path, b"stale\n", path, held=lambda: False)
+    assert run_in(RUNNING, "cat", path) == "the old content\n"
+    assert listing(RUNNING, workdir) == [".", "..", "taken.txt"]
 
 
 def test_symlinked_destination_is_written_through(

@@ -371,3 +371,39 @@ def test_sigterm_during_a_real_push_lets_it_land_and_exits_0(
         proc.kill()
     assert task_of(data).status == Status.SUCCEEDED
     assert sha256_in(RUNNING, f"{workdir}/drain.bin") == hashlib.sha256(body).hexdigest()
+
+
+def test_a_push_still_running_when_the_grace_period_ends_cannot_publish_after_its_release(
+    api: APIClient, workdir: str, spool: Path
+) -> None:
+    """The grace period runs out during a long push. Its claim is released for another worker
+    only after its connection to Incus is closed, so it can never rename its file into place
+    later, over what the next worker delivers."""
+    body = os.urandom(400 << 20)
+    digest = hashlib.sha256(body).hexdigest()
+    data = upload(api, body, RUNNING, f"{workdir}/late.bin")
+    del body
+    worker = Worker(threads=1, poll_interval=0.05, grace_period=0.3, pusher_factory=IncusPusher)
+    result: list[int] = []
+    runner = threading.Thread(target=lambda: result.append(worker.run()))
+    runner.start()
+    try:
+        wait_for(lambda: task_of(data).status == Status.RUNNING, timeout=30)
+        time.sleep(0.3)  # into the push
+        worker.stop()
+        runner.join(timeout=60)
+    finally:
+        worker.stop()
+    assert result == [1]
+    task = task_of(data)
+    assert task.status == Status.PENDING
+    assert UploadAttempt.objects.get(task=task).outcome == Outcome.INTERRUPTED
+    time.sleep(2)  # the stopped push would have finished by now
+    assert "late.bin" not in listing_of(workdir)
+    run_worker()
+    assert task_of(data).status == Status.SUCCEEDED
+    assert sha256_in(RUNNING, f"{workdir}/late.bin") == digest
+
+
+def listing_of(directory: str) -> list[str]:
+    return run_in(RUNNING, "ls", "-a", directory).split()

@@ -8,16 +8,19 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from django.core.management import call_command
 
 from tests.conftest import ROOT, spool_files, subprocess_env
 from tests.factories import make_task
-from tests.pushers import CrashingPusher, FailTwicePusher
+from tests.pushers import CrashingPusher, FailTwicePusher, PublishingPusher
+from uploads import queue
 from uploads.models import Outcome, Status, UploadAttempt, UploadTask
 from uploads.pushers import NullPusher
 from uploads.worker import Worker
@@ -208,6 +211,119 @@ def test_worker_reclaims_a_dead_workers_task_after_its_lease(
         Outcome.LOST,
         Outcome.SUCCEEDED,
     ]
+
+
+def test_a_paused_worker_never_publishes_a_task_another_worker_took_over(
+    user: Any, spool: Path, tmp_path: Path
+) -> None:
+    """Worker A claims the task and is paused (SIGSTOP) longer than its lease; worker B reaps
+    the lease, claims the task and delivers it. When A resumes, its heartbeat learns the
+    claim is gone and its push stops before publishing: one delivery, and the task's record
+    says so (A's attempt lost, B's succeeded), however long A was away."""
+    make_task(user, path="/srv/once")
+    log = tmp_path / "published"
+    env = {
+        "UPLOADS_LEASE_SECONDS": "2",
+        "UPLOADS_PUSHER": "tests.pushers.PublishingPusher",
+        "PUBLISH_LOG": str(log),
+    }
+    paused = start_worker(spool, tmp_path, "--poll-interval", "0.1", SLOW_PUSH_SECONDS="3", **env)
+    rescuer = None
+    try:
+        wait_for(lambda: UploadTask.objects.filter(status=Status.RUNNING).exists())
+        os.kill(paused.pid, signal.SIGSTOP)
+        time.sleep(2.5)  # longer than the lease
+        rescuer = start_worker(
+            spool, tmp_path, "--poll-interval", "0.1", SLOW_PUSH_SECONDS="0.2", **env
+        )
+        wait_for(lambda: UploadTask.objects.get().status == Status.SUCCEEDED)
+        os.kill(paused.pid, signal.SIGCONT)
+        time.sleep(4)  # A's push "ends" now; it must not publish
+    finally:
+        os.kill(paused.pid, signal.SIGCONT)
+        for proc in (paused, rescuer):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=30)
+    assert log.read_text().splitlines() == [f"/srv/once {rescuer.pid}"]
+    task = UploadTask.objects.get()
+    assert (task.status, task.attempts) == (Status.SUCCEEDED, 2)
+    assert list(UploadAttempt.objects.order_by("number").values_list("outcome", flat=True)) == [
+        Outcome.LOST,
+        Outcome.SUCCEEDED,
+    ]
+
+
+def test_a_push_that_outlives_its_lease_stops_and_is_pushed_again_by_the_same_worker(
+    user: Any, spool: Path, tmp_path: Path
+) -> None:
+    """The database is away for longer than a lease (here: the worker is paused, so its
+    heartbeat cannot renew), and nobody else reaped the task. The worker must neither reap its
+    own claim and push the task a second time beside the first, nor publish on a lease that
+    may have run out: the push stops, the task goes back without costing an attempt, and the
+    same worker delivers it once."""
+    make_task(user, path="/srv/alone")
+    log = tmp_path / "published"
+    env = {
+        "UPLOADS_LEASE_SECONDS": "2",
+        "UPLOADS_PUSHER": "tests.pushers.PublishingPusher",
+        "PUBLISH_LOG": str(log),
+    }
+    worker = start_worker(spool, tmp_path, "--poll-interval", "0.1", SLOW_PUSH_SECONDS="1", **env)
+    try:
+        wait_for(lambda: UploadTask.objects.filter(status=Status.RUNNING).exists())
+        os.kill(worker.pid, signal.SIGSTOP)
+        time.sleep(2.5)
+        os.kill(worker.pid, signal.SIGCONT)
+        wait_for(lambda: UploadTask.objects.get().status == Status.SUCCEEDED)
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+        worker.terminate()
+        worker.wait(timeout=30)
+    assert log.read_text().splitlines() == [f"/srv/alone {worker.pid}"]
+    task = UploadTask.objects.get()
+    assert task.status == Status.SUCCEEDED
+    outcomes = list(UploadAttempt.objects.order_by("number").values_list("outcome", flat=True))
+    assert outcomes[-1] == Outcome.SUCCEEDED
+    assert set(outcomes[:-1]) <= {Outcome.INTERRUPTED, Outcome.LOST}
+    assert task.attempts - outcomes.count(Outcome.INTERRUPTED) <= task.max_attempts
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_heartbeat_thread_is_started_again(
+    user: Any, spool: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, settings: Any
+) -> None:
+    """If the heartbeat thread dies (injected: an exception no handler catches, which the real
+    database cannot raise on demand), a push longer than the lease could never publish; the
+    worker starts a new heartbeat, which keeps the lease alive: one attempt, one delivery."""
+    settings.UPLOADS = {**settings.UPLOADS, "LEASE_SECONDS": 1}
+    make_task(user, path="/srv/long")
+    log = tmp_path / "published"
+    real_beat = queue.worker_beat
+    calls = []
+
+    def dies_once(**kwargs: Any) -> None:
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise SystemExit("injected: the heartbeat thread dies")
+        real_beat(**kwargs)
+
+    worker = Worker(threads=1, burst=True, poll_interval=0.05, pusher_factory=PublishingPusher)
+    environment = {"SLOW_PUSH_SECONDS": "2.5", "PUBLISH_LOG": str(log)}
+    with (
+        mock.patch.object(queue, "worker_beat", side_effect=dies_once),
+        mock.patch.dict(os.environ, environment),
+    ):
+        runner = threading.Thread(target=worker.run)
+        runner.start()
+        runner.join(timeout=20)
+        if runner.is_alive():
+            worker.stop()
+            runner.join()
+    assert "the heartbeat thread died; starting a new one" in caplog.text
+    assert log.read_text().splitlines() == [f"/srv/long {os.getpid()}"]
+    task = UploadTask.objects.get()
+    assert (task.status, task.attempts) == (Status.SUCCEEDED, 1)
 
 
 def test_worker_says_plainly_when_incus_is_unreachable(

@@ -10,7 +10,6 @@ operator does here (retry, cancel, grant, change or revoke a grant) leaves an au
 import json
 import re
 import uuid
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from django import forms
@@ -116,9 +115,13 @@ def _duration(attempt: UploadAttempt, empty: str) -> str:
 
 
 def _remove_spool_files_on_commit(names: list[str], using: str) -> None:
-    # After the commit: a rolled-back delete must leave the task's file where it was.
-    for name in names:
-        transaction.on_commit(partial(spool.remove, name), using=using)
+    # After the commit: a rolled-back delete must leave the task's file where it was, and a file
+    # another task may still need stays.
+    def remove() -> None:
+        for name in selectors.unneeded_bodies(names):
+            spool.remove(name)
+
+    transaction.on_commit(remove, using=using)
 
 
 class UploadAttemptInline(AttemptInlineBase):

@@ -28,9 +28,6 @@ DEFAULTS: dict[str, Any] = {
     # reuse (0: close after each push). An open session holds the instance: `incus start` and
     # a graceful `incus stop` wait for it to close.
     "SFTP_IDLE_SECONDS": 1.0,
-    # A temporary sibling `.<name>.uploadsvc-*.tmp` not modified for this long was left by a
-    # push that died; a later push into the same directory removes it.
-    "STALE_TEMP_SECONDS": 30.0,
     # Read each pushed file back and compare its SHA-256 (doubles the I/O of a push).
     "VERIFY_SHA256": False,
     # Named Incus servers: {"name": {"endpoint": ..., "cert": ..., "key": ..., "verify": ...}}.

@@ -14,9 +14,11 @@ marked "measured" were measured on Incus 6.0.4 here):
   back in 32 KiB reads) are checked before the rename publishes it; the destination is stat'ed
   after it.
 - A temporary sibling left by a push that died is removed by a later push into the same
-  directory once it has not been modified for UPLOADS['STALE_TEMP_SECONDS']. Younger ones may
-  belong to a concurrent push to the same path, which writes its own sibling continuously;
-  the names are unique, so two such pushes never mix their data and the last rename wins.
+  directory once it has not been modified for twice the Incus timeout: a live push modifies
+  its own sibling at least that often (every write does; while it reads the file back for
+  verification, it refreshes the time), and a single request stalls no longer than the
+  timeout. The names are unique, so two concurrent pushes to one path never mix their data
+  and the last rename wins.
 - Sessions are kept per (project, instance) and reused by the next push, and reopened when they
   broke (an instance that stops breaks its sessions, measured). They are closed after
   UPLOADS['SFTP_IDLE_SECONDS'] without a push: an open session holds the instance, so
@@ -75,6 +77,7 @@ from pylxd.exceptions import ClientConnectionFailed, LXDAPIException, NotFound
 from uploads.conf import uploads_settings
 from uploads.grants import path_below, path_within
 from uploads.pushers import (
+    NotHeld,
     OutsideGrant,
     PermanentPushError,
     PushError,
@@ -215,12 +218,16 @@ class _Delivery:
     everything else is a bare "failure"); where a reply can mean several things, a stat decides.
     A dead connection raises LinkBroken, which the pusher handles."""
 
-    def __init__(self, sftp: Any, req: PushRequest, sweep: Callable[[str], bool]) -> None:
+    def __init__(
+        self, sftp: Any, req: PushRequest, sweep: Callable[[str], bool], stale_after: float
+    ) -> None:
         self.sftp = sftp
         self.req = req
         self.where = req.instance
         # Whether to look for stale temporary files in a directory this time.
         self.sweep = sweep
+        # A temporary sibling not modified for this long belongs to a push that died.
+        self.stale_after = stale_after
         # Our temporary sibling while it exists.
         self.temp: str | None = None
 
@@ -567,7 +574,7 @@ class _Delivery:
     def _remove_stale_temps(self, directory: str, temp: str) -> None:
         """Remove temporary files in `directory` left by pushes that died.
 
-        Only those not modified for UPLOADS['STALE_TEMP_SECONDS']: a live push to the same
+        Only those not modified for `stale_after` seconds: a live push to the same
         path writes its own sibling continuously, and removing it would fail that push's
         rename (never corrupt it: names are unique). Ages are compared with our own fresh
         sibling's mtime, the server's clock. Best effort: a listing that fails leaves them for
@@ -581,7 +588,7 @@ class _Delivery:
         now = next((e.st_mtime for e in entries if e.filename == own_name), None)
         if now is None:
             return
-        stale_after = float(uploads_settings.STALE_TEMP_SECONDS)
+        stale_after = self.stale_after
         for entry in entries:
             if (
                 entry.filename != own_name
@@ -614,6 +621,7 @@ class _Delivery:
                     raise TransientPushError(f"cannot read the spooled file: {exc}") from exc
                 if not chunk:
                     break
+                self._still_held()
                 try:
                     handle.write(chunk)
                 except OSError as exc:
@@ -632,6 +640,13 @@ class _Delivery:
                 f"{req.path} in {self.where}"
             )
         return digest.hexdigest() if digest is not None else None
+
+    def _still_held(self) -> None:
+        if not self.req.held():
+            raise NotHeld(
+                f"this worker no longer holds the upload to {self.req.path} in {self.where}; "
+                "stopped before publishing it"
+            )
 
     def _rename(self, temp: str, target: str) -> None:
         try:
@@ -654,7 +669,9 @@ class _Delivery:
         try:
             handle.close()
             self.sftp.remove(temp)
-        except OSError:
+        except (OSError, LinkBroken, paramiko.SSHException):
+            # The connection died meanwhile: the pusher removes it on its next push there.
+            # Either way the error that brought us here is what the push reports.
             pass
 
     def _mismatch(self, attrs: Any, mode: int, uid: int, gid: int) -> str | None:
@@ -694,11 +711,18 @@ class _Delivery:
 
     def _remote_sha256(self, target: str) -> str:
         digest = hashlib.sha256()
+        refresh_every = self.stale_after / 4
+        refresh_at = time.monotonic() + refresh_every
         try:
             with self.sftp.open(target, "r") as remote:
                 remote.prefetch(self.req.size, max_concurrent_requests=64)
                 while data := remote.read(READ_PACKET):
                     digest.update(data)
+                    if time.monotonic() >= refresh_at:
+                        # Reading writes nothing: keep the file's time fresh so that no other
+                        # push takes it for one left by a dead push.
+                        self.sftp.utime(target, None)
+                        refresh_at = time.monotonic() + refresh_every
         except OSError as exc:
             raise TransientPushError(f"cannot read {target} back from {self.where}: {exc}") from exc
         return digest.hexdigest()
@@ -722,6 +746,9 @@ class IncusPusher:
         (a path), or True to check the server against the system's CAs."""
         self.remote = remote
         self.timeout = timeout if timeout is not None else uploads_settings.INCUS_TIMEOUT
+        # Twice the longest a live push leaves its temporary sibling untouched (one request
+        # that stalls up to the timeout).
+        self.stale_after = 2 * float(self.timeout)
         if endpoint is None:
             # The remote's own settings (the implicit "local" one is INCUS_ENDPOINT).
             options = uploads_settings.remotes.get(remote, {})
@@ -738,6 +765,8 @@ class IncusPusher:
         # (project, instance) -> idle session, least recently used first. The lock is shared
         # with the idle reaper; a session in use is never in here.
         self._sessions: OrderedDict[tuple[str, str], _Session] = OrderedDict()
+        # The session a push is using right now, for interrupt() from another thread.
+        self._busy: _Session | None = None
         self._lock = threading.Lock()
         self._reaper: threading.Thread | None = None
         self._closing = threading.Event()
@@ -962,13 +991,33 @@ class IncusPusher:
             self._remotes[remote] = IncusPusher.for_remote(remote, self.timeout)
         return self._remotes[remote]
 
+    def interrupt(self) -> None:
+        """Break the connection of the push in progress, if any: its next request fails."""
+        for other in list(self._remotes.values()):
+            other.interrupt()
+        with self._lock:
+            busy = self._busy
+        if busy is not None:
+            busy.link.shutdown()
+
+    def _use(self, session: _Session | None) -> None:
+        with self._lock:
+            self._busy = session
+
     def _push_sftp(self, req: PushRequest) -> None:
+        try:
+            self._push_sftp_session(req)
+        finally:
+            self._use(None)
+
+    def _push_sftp_session(self, req: PushRequest) -> None:
         key = (req.project, req.instance)
         session = self._take_session(key)
         reused = session is not None
         if session is None:
             session = self._open_session(req)
-        delivery = _Delivery(session.client, req, self._sweep_due(key))
+        self._use(session)
+        delivery = _Delivery(session.client, req, self._sweep_due(key), self.stale_after)
         try:
             try:
                 destination = delivery.resolve()
@@ -979,11 +1028,14 @@ class IncusPusher:
                 # was written yet, so start afresh once.
                 session.close()
                 session = self._open_session(req)
-                delivery = _Delivery(session.client, req, self._sweep_due(key))
+                self._use(session)
+                delivery = _Delivery(session.client, req, self._sweep_due(key), self.stale_after)
                 destination = delivery.resolve()
             self._remove_orphans(key, session)
             delivery.run(destination)
         except PushError:
+            if session.broken and delivery.temp is not None:
+                self._orphans.setdefault(key, set()).add(delivery.temp)
             self._keep_session(key, session)  # an SFTP error reply leaves the session usable
             raise
         except (LinkBroken, paramiko.SSHException, paramiko.SFTPError, EOFError) as exc:
@@ -1006,14 +1058,14 @@ class IncusPusher:
 
     def _sweep_due(self, key: tuple[str, str]) -> Callable[[str], bool]:
         """Whether a directory is due for a look for stale temporary files: at most once per
-        STALE_TEMP_SECONDS per directory and pusher (a file only becomes stale after that long,
+        `stale_after` per directory and pusher (a file only becomes stale after that long,
         and a listing costs a request per entry on the server)."""
 
         def due(directory: str) -> bool:
             now = time.monotonic()
             where = (*key, directory)
             last = self._swept.get(where)
-            if last is not None and now - last < float(uploads_settings.STALE_TEMP_SECONDS):
+            if last is not None and now - last < self.stale_after:
                 return False
             self._swept[where] = now
             self._swept.move_to_end(where)

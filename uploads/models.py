@@ -1,11 +1,11 @@
 """The durable queue: one `UploadTask` row per upload, one `UploadAttempt` row per push."""
 
 import uuid
-from datetime import datetime
 
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+from django.db.models.functions import Now
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
@@ -27,14 +27,15 @@ class UploadTaskQuerySet(models.QuerySet["UploadTask"]):
     def pending(self) -> "UploadTaskQuerySet":
         return self.filter(status=Status.PENDING)
 
-    def ready(self, now: datetime | None = None) -> "UploadTaskQuerySet":
-        return self.pending().filter(next_attempt_at__lte=now or timezone.now())
+    # Readiness and leases are judged by the database's clock, never a host's.
+    def ready(self) -> "UploadTaskQuerySet":
+        return self.pending().filter(next_attempt_at__lte=Now())
 
     def running(self) -> "UploadTaskQuerySet":
         return self.filter(status=Status.RUNNING)
 
-    def expired_leases(self, now: datetime | None = None) -> "UploadTaskQuerySet":
-        return self.running().filter(lease_expires_at__lt=now or timezone.now())
+    def expired_leases(self) -> "UploadTaskQuerySet":
+        return self.running().filter(lease_expires_at__lt=Now())
 
     def finished(self) -> "UploadTaskQuerySet":
         return self.filter(status__in=FINISHED)
@@ -73,14 +74,14 @@ class UploadTask(models.Model):
     )
     attempts = models.PositiveIntegerField(_("attempts"), default=0)
     max_attempts = models.PositiveIntegerField(_("max attempts"))
-    next_attempt_at = models.DateTimeField(_("next attempt at"), default=timezone.now)
+    next_attempt_at = models.DateTimeField(_("next attempt at"), db_default=Now())
     last_error = models.TextField(_("last error"), blank=True)
 
     claim_token = models.UUIDField(_("claim token"), null=True, blank=True, editable=False)
     lease_expires_at = models.DateTimeField(_("lease expires at"), null=True, blank=True)
     worker_id = models.CharField(_("worker"), max_length=200, blank=True)
 
-    created_at = models.DateTimeField(_("created at"), default=timezone.now, db_index=True)
+    created_at = models.DateTimeField(_("created at"), db_default=Now(), db_index=True)
     started_at = models.DateTimeField(_("started at"), null=True, blank=True)
     finished_at = models.DateTimeField(_("finished at"), null=True, blank=True)
 

@@ -29,6 +29,9 @@ class PushRequest:
     # The granted directories the file must really land in, symlinks in the instance
     # followed; None when its owner may write anywhere in the instance.
     confined_to: tuple[str, ...] | None = None
+    # Whether the worker still holds the task: asked while writing and right before the file
+    # is published. When it turns False another worker may be pushing the same task.
+    held: Callable[[], bool] = lambda: True
 
 
 class PushError(Exception):
@@ -49,6 +52,11 @@ class PermanentPushError(PushError):
     permanent = True
 
 
+class NotHeld(TransientPushError):
+    """The worker no longer holds the task (its lease could not be renewed in time, or it is
+    shutting down): the push stopped before publishing anything."""
+
+
 class OutsideGrant(PermanentPushError):
     """The file would land outside the directories its owner was granted (a symlink in the
     instance leads elsewhere, or a granted directory is missing): refused and audited."""
@@ -61,6 +69,9 @@ class Pusher(Protocol):
     def check(self) -> str | None:
         """None when the target is reachable, else why not (for start-up and health)."""
 
+    def interrupt(self) -> None:
+        """From another thread: make a push in progress fail now (its connections close)."""
+
     def close(self) -> None: ...
 
 
@@ -71,6 +82,9 @@ class NullPusher:
         return None
 
     def check(self) -> str | None:
+        return None
+
+    def interrupt(self) -> None:
         return None
 
     def close(self) -> None:

@@ -1,8 +1,17 @@
 """The queue: every state change a worker makes to a task (claim, renew, complete, release,
 reap), the worker heartbeat rows, and the wake-up that tells idle workers a task is ready.
 
-Claims and completions are conditional UPDATEs whose row count decides, so two workers can
-never both own or both finish a task.
+- A claim is one task, one random token and one attempt row. Every later write about it is
+  conditional on `status = 'running' AND claim_token = <token>`, so a worker whose claim was
+  reaped can never overwrite what the new owner does.
+- Every time is the database's (its clock in the statements): leases, readiness and backoff
+  never depend on a worker host's clock.
+- On PostgreSQL each operation is one statement (claim: a locked, materialised pick, the
+  update and the attempt rows together; completion of a whole batch: the tasks and their
+  attempts together). SQLite runs the same operations through the ORM inside one IMMEDIATE
+  transaction, which holds the database's write lock.
+- A spool file is deleted only once no task that may still need it refers to it: every task
+  using it succeeded (failed and cancelled ones can be retried; purge removes those).
 """
 
 import logging
@@ -10,25 +19,449 @@ import os
 import random
 import socket
 import threading
+import time
 import uuid
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.db import connection, transaction
-from django.db.models import F
-from django.db.models.functions import Greatest
-from django.utils import timezone
+from django.db.models import Case, F, Q, Value, When
+from django.db.models.functions import Greatest, Now
 
 from uploads import spool, wakeup
 from uploads.audit import audit
 from uploads.conf import uploads_settings
 from uploads.models import Outcome, Status, UploadAttempt, UploadTask, WorkerHeartbeat
+from uploads.selectors import unneeded_bodies
 
 logger = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "uploadsvc_ready"
+LOST_ERROR = "the worker pushing this file stopped answering (lease expired)"
+INTERRUPTED_ERROR = "the worker shut down during the push"
+
+TASKS = UploadTask._meta.db_table
+ATTEMPTS = UploadAttempt._meta.db_table
+
+
+# --- what a worker holds ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a claimed task asks for: the destination, the body and its attempt count."""
+
+    id: uuid.UUID
+    owner_id: int
+    remote: str
+    project: str
+    instance: str
+    path: str
+    mode: int | None
+    uid: int | None
+    gid: int | None
+    create_dirs: bool
+    size: int
+    spool_name: str
+    attempts: int
+    max_attempts: int
+
+
+@dataclass(eq=False)
+class Claim:
+    """A task this worker holds, with the lease it holds it by."""
+
+    task: Job
+    token: uuid.UUID
+    attempt_id: int
+    # When the lease was last renewed, on this process's monotonic clock, taken before the
+    # statement was sent: the lease runs at least LEASE_SECONDS from then.
+    renewed_at: float = field(default_factory=time.monotonic)
+    # The database did not renew it (another worker reaped it), or this worker let it go.
+    revoked: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def key(self) -> tuple[uuid.UUID, uuid.UUID]:
+        return (self.task.id, self.token)
+
+    def held(self) -> bool:
+        """Whether the push may still publish its file: the claim is ours, and its lease has
+        a safety margin left (a push ends with one rename, sent after this check)."""
+        if self.revoked.is_set():
+            return False
+        lease = float(uploads_settings.LEASE_SECONDS)
+        return time.monotonic() < self.renewed_at + lease * 0.8
+
+
+class Result:
+    SUCCEEDED = "succeeded"
+    TRANSIENT = "transient"  # retried after a backoff while attempts remain
+    PERMANENT = "permanent"  # failed at once
+    REFUSED = "refused"  # failed at once and audited: the push would have left its grant
+    RELEASED = "released"  # interrupted by shutdown: pending again, the attempt not held against it
+
+
+@dataclass(frozen=True)
+class Completion:
+    claim: Claim
+    result: str
+    error: str = ""
+
+
+def retry_delay(attempt: int) -> float:
+    """Capped exponential backoff with jitter: a random delay between the base and
+    min(cap, base·2^(attempt-1)). Stored on the row as next_attempt_at; no thread sleeps."""
+    base = uploads_settings.RETRY_BASE_SECONDS
+    cap = uploads_settings.RETRY_MAX_SECONDS
+    ceiling = min(cap, base * 2 ** max(attempt - 1, 0))
+    return random.uniform(min(base, ceiling), ceiling)  # noqa: S311
+
+
+def _lease() -> timedelta:
+    return timedelta(seconds=float(uploads_settings.LEASE_SECONDS))
+
+
+def _uuid(value: Any) -> uuid.UUID:
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+
+
+def _postgresql() -> bool:
+    return connection.vendor == "postgresql"
+
+
+# --- claim -----------------------------------------------------------------------------------
+
+JOB_COLUMNS = (
+    "id",
+    "owner_id",
+    "remote",
+    "project",
+    "instance",
+    "path",
+    "mode",
+    "uid",
+    "gid",
+    "create_dirs",
+    "size",
+    "spool_name",
+    "attempts",
+    "max_attempts",
+)
+
+# Table and column names come from the models, values are parameters.
+CLAIM_SQL = f"""
+WITH picked AS MATERIALIZED (
+    SELECT id FROM {TASKS}
+    WHERE status = 'pending' AND next_attempt_at <= statement_timestamp()
+    ORDER BY next_attempt_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE {TASKS} t
+    SET status = 'running', attempts = t.attempts + 1, claim_token = gen_random_uuid(),
+        lease_expires_at = statement_timestamp() + %(lease)s * interval '1 second',
+        worker_id = %(worker)s, started_at = statement_timestamp()
+    FROM picked WHERE t.id = picked.id
+    RETURNING {", ".join(f"t.{c}" for c in JOB_COLUMNS)}, t.claim_token, t.started_at
+), attempts AS (
+    INSERT INTO {ATTEMPTS} (task_id, number, worker_id, claim_token, started_at, outcome, error)
+    SELECT id, attempts, %(worker)s, claim_token, started_at, 'running', '' FROM claimed
+    RETURNING id, task_id
+)
+SELECT {", ".join(f"c.{c}" for c in JOB_COLUMNS)}, c.claim_token, a.id
+FROM claimed c JOIN attempts a ON a.task_id = c.id
+"""  # noqa: S608
+
+
+def claim(*, worker_id: str, limit: int) -> list[Claim]:
+    """Take up to `limit` ready tasks for this worker: each gets a token, a lease and an
+    attempt row. Concurrent workers take disjoint sets."""
+    if limit <= 0:
+        return []
+    started = time.monotonic()
+    if _postgresql():
+        with connection.cursor() as cursor:
+            lease = float(uploads_settings.LEASE_SECONDS)
+            cursor.execute(CLAIM_SQL, {"limit": limit, "lease": lease, "worker": worker_id})
+            rows = cursor.fetchall()
+        return [
+            Claim(
+                task=Job(*row[: len(JOB_COLUMNS)]),
+                token=row[-2],
+                attempt_id=row[-1],
+                renewed_at=started,
+            )
+            for row in rows
+        ]
+    return _claim_orm(worker_id, limit, started)
+
+
+def _claim_orm(worker_id: str, limit: int, started: float) -> list[Claim]:
+    claims = []
+    with transaction.atomic():
+        # SQLite: the IMMEDIATE transaction holds the write lock until the commit.
+        ready = UploadTask.objects.filter(status=Status.PENDING, next_attempt_at__lte=Now())
+        for pk in ready.order_by("next_attempt_at").values_list("pk", flat=True)[:limit]:
+            token = uuid.uuid4()
+            UploadTask.objects.filter(pk=pk, status=Status.PENDING).update(
+                status=Status.RUNNING,
+                attempts=F("attempts") + 1,
+                claim_token=token,
+                lease_expires_at=Now() + _lease(),
+                worker_id=worker_id,
+                started_at=Now(),
+            )
+            row = UploadTask.objects.filter(pk=pk).values_list(*JOB_COLUMNS, "started_at").get()
+            attempt = UploadAttempt.objects.create(
+                task_id=pk,
+                number=row[JOB_COLUMNS.index("attempts")],
+                worker_id=worker_id,
+                claim_token=token,
+                started_at=row[-1],
+            )
+            claims.append(
+                Claim(task=Job(*row[:-1]), token=token, attempt_id=attempt.pk, renewed_at=started)
+            )
+    return claims
+
+
+# --- leases ----------------------------------------------------------------------------------
+
+
+def renew(claims: Sequence[Claim]) -> list[Claim]:
+    """Extend the leases of these claims; returns those the database no longer holds for us
+    (their task was reaped and maybe claimed again), each marked revoked."""
+    if not claims:
+        return []
+    started = time.monotonic()
+    by_key = {c.key: c for c in claims}
+    owned = Q()
+    for task_id, token in by_key:
+        owned |= Q(pk=task_id, claim_token=token)
+    with transaction.atomic():
+        renewed_rows = UploadTask.objects.filter(owned, status=Status.RUNNING)
+        renewed = {
+            (_uuid(pk), _uuid(token))
+            for pk, token in renewed_rows.values_list("pk", "claim_token").select_for_update()
+        }
+        renewed_rows.update(lease_expires_at=Now() + _lease())
+    lost = []
+    for key, held in by_key.items():
+        if key in renewed:
+            held.renewed_at = started
+        else:
+            held.revoked.set()
+            lost.append(held)
+    return lost
+
+
+def reap(*, holding: Iterable[tuple[uuid.UUID, uuid.UUID]] = ()) -> int:
+    """Requeue tasks whose lease expired (their worker died or stalled), or fail those out of
+    attempts. Claims the calling worker still holds are never reaped: it is still pushing them
+    and will stop on its own if it cannot renew them. Safe to run from any number of workers."""
+    held = Q()
+    for task_id, token in holding:
+        held |= Q(pk=task_id, claim_token=token)
+    reaped = 0
+    with transaction.atomic():
+        expired = UploadTask.objects.filter(status=Status.RUNNING, lease_expires_at__lt=Now())
+        if held:
+            expired = expired.exclude(held)
+        for pk, lost_token in expired.select_for_update(skip_locked=True).values_list(
+            "pk", "claim_token"
+        ):
+            owned = UploadTask.objects.filter(pk=pk, status=Status.RUNNING, claim_token=lost_token)
+            out_of_attempts = Q(attempts__gte=F("max_attempts"))
+            updated = owned.update(
+                status=Case(
+                    When(out_of_attempts, then=Value(Status.FAILED)), default=Value(Status.PENDING)
+                ),
+                finished_at=Case(When(out_of_attempts, then=Now()), default=None),
+                next_attempt_at=Now(),
+                last_error=LOST_ERROR,
+                claim_token=None,
+                lease_expires_at=None,
+            )
+            if updated and lost_token is not None:
+                UploadAttempt.objects.filter(task_id=pk, claim_token=lost_token).update(
+                    outcome=Outcome.LOST, error=LOST_ERROR, finished_at=Now()
+                )
+                reaped += 1
+    if reaped:
+        logger.warning("requeued %d task(s) whose worker lease expired", reaped)
+    return reaped
+
+
+# --- completions -------------------------------------------------------------------------------
+
+
+def complete(completions: Sequence[Completion]) -> dict[Claim, str | None]:
+    """Record how pushes ended, in one transaction: each task's new status, or None where the
+    claim was lost (another worker owns the task now and nothing was written).
+
+    Succeeded tasks free their spool file once nothing else may need it; refused pushes are
+    audited with their failure.
+    """
+    if not completions:
+        return {}
+    statuses: dict[Claim, str | None] = {}
+    freed: list[str] = []
+    with transaction.atomic():
+        for done in completions:
+            status = _complete_one(done)
+            statuses[done.claim] = status
+            if status == Status.SUCCEEDED:
+                freed.append(done.claim.task.spool_name)
+    # After the commit: a body nobody else needs goes; a retried sibling keeps it.
+    for name in unneeded_bodies(freed):
+        spool.remove(name)
+    if any(done.result == Result.RELEASED for done in completions):
+        notify_workers()  # ready again at once
+    return statuses
+
+
+def _complete_one(done: Completion) -> str | None:
+    claim, task = done.claim, done.claim.task
+    owned = UploadTask.objects.filter(pk=task.id, status=Status.RUNNING, claim_token=claim.token)
+    finished = {"claim_token": None, "lease_expires_at": None}
+    if done.result == Result.SUCCEEDED:
+        status, outcome = Status.SUCCEEDED, Outcome.SUCCEEDED
+        updated = owned.update(status=status, finished_at=Now(), last_error="", **finished)
+    elif done.result == Result.RELEASED:
+        status, outcome = Status.PENDING, Outcome.INTERRUPTED
+        updated = owned.update(
+            status=status,
+            next_attempt_at=Now(),
+            max_attempts=Greatest(F("max_attempts"), F("attempts") + 1),
+            **finished,
+        )
+    else:
+        final = done.result != Result.TRANSIENT or task.attempts >= task.max_attempts
+        if final:
+            status, outcome = Status.FAILED, Outcome.FAILED
+            updated = owned.update(
+                status=status, finished_at=Now(), last_error=done.error, **finished
+            )
+        else:
+            status, outcome = Status.PENDING, Outcome.RETRY
+            delay = timedelta(seconds=retry_delay(task.attempts))
+            updated = owned.update(
+                status=status,
+                next_attempt_at=Now() + delay,
+                last_error=done.error,
+                **finished,
+            )
+    if not updated:
+        return None
+    error = INTERRUPTED_ERROR if done.result == Result.RELEASED else done.error
+    UploadAttempt.objects.filter(pk=claim.attempt_id).update(
+        outcome=outcome, error=error, finished_at=Now()
+    )
+    if done.result == Result.REFUSED:
+        audit(
+            action="push",
+            outcome="refused",
+            user=get_user_model().objects.get(pk=task.owner_id),
+            task_id=task.id,
+            instance=f"{task.remote}:{task.project}/{task.instance}",
+            path=task.path,
+            reason=done.error,
+        )
+    return status
+
+
+# --- heartbeat rows --------------------------------------------------------------------------
+
+
+def worker_beat(*, worker_id: str, threads: int, in_flight: int, processed: int) -> None:
+    updated = WorkerHeartbeat.objects.filter(worker_id=worker_id).update(
+        last_seen_at=Now(), in_flight=in_flight, processed=processed
+    )
+    if not updated:
+        WorkerHeartbeat.objects.create(
+            worker_id=worker_id,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            threads=threads,
+            in_flight=in_flight,
+            processed=processed,
+        )
+
+
+def worker_gone(*, worker_id: str) -> None:
+    WorkerHeartbeat.objects.filter(worker_id=worker_id).delete()
+
+
+# --- wake-ups --------------------------------------------------------------------------------
+
+
+def notify_workers() -> None:
+    """Wake idle workers: a task became ready. Best effort and never raises (a worker polls
+    anyway): call it after the commit that made the task ready, never inside it."""
+    try:
+        if _postgresql():
+            _notifier.ring()
+        else:
+            wakeup.ring()
+    except Exception:
+        logger.warning("could not wake the workers; they find the task at their next poll")
+
+
+class _Notifier:
+    """Sends NOTIFY from a thread and a connection of its own, at most once every `interval`
+    seconds however many uploads ask: a notifying transaction holds a database-wide lock through
+    its commit, so it must stay out of the uploads' own transactions and be rare."""
+
+    interval = 0.005
+    idle = 1.0  # close the connection after this long without a ring
+
+    def __init__(self) -> None:
+        self._wanted = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def ring(self) -> None:
+        self._wanted.set()
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        import psycopg
+
+        conn = None
+        try:
+            while self._wanted.wait(timeout=self.idle):
+                self._wanted.clear()
+                try:
+                    if conn is None:
+                        params = connection.get_connection_params()
+                        conn = psycopg.connect(**params, autocommit=True)
+                    conn.execute("SELECT pg_notify(%s, '')", [NOTIFY_CHANNEL])
+                except Exception as exc:
+                    logger.warning("NOTIFY failed (%s); workers will poll", exc)
+                    if conn is not None:
+                        conn.close()
+                    conn = None
+                time.sleep(self.interval)
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def stop(self) -> None:
+        """Wait until the thread has closed its connection (it does after `idle` seconds)."""
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+
+_notifier = _Notifier()
 
 
 def listen_for_work(
@@ -36,7 +469,7 @@ def listen_for_work(
 ) -> None:
     """Set `wake` whenever a task may have become ready, until `stopping` is set: a NOTIFY on
     PostgreSQL (on a connection of its own), a ring on the wake-up pipe on SQLite."""
-    if connection.vendor == "postgresql":
+    if _postgresql():
         _listen_postgresql(wake, stopping, retry)
     elif (pipe := wakeup.pipe_path()) is not None:
         _listen_pipe(pipe, wake, stopping)
@@ -68,249 +501,3 @@ def _listen_pipe(pipe: Path, wake: threading.Event, stopping: threading.Event) -
         while not stopping.is_set():
             if bell.wait(timeout=1.0):
                 wake.set()
-
-
-def notify_workers() -> None:
-    # On PostgreSQL a NOTIFY is delivered when the transaction commits, so workers listening
-    # on the channel wake at once; on SQLite the wake-up pipe is rung once the commit is done.
-    # Polling remains the path that guarantees progress.
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_notify(%s, '')", [NOTIFY_CHANNEL])
-    else:
-        transaction.on_commit(wakeup.ring)
-
-
-@dataclass(frozen=True)
-class Claim:
-    task: UploadTask
-    token: uuid.UUID
-    attempt: UploadAttempt
-
-
-def retry_delay(attempt: int) -> float:
-    """Capped exponential backoff with full jitter (Celery's and AWS's choice): a random delay in
-    [base, min(cap, base·2^(attempt-1))]. Stored on the row as next_attempt_at; no thread sleeps."""
-    base = uploads_settings.RETRY_BASE_SECONDS
-    cap = uploads_settings.RETRY_MAX_SECONDS
-    ceiling = min(cap, base * 2 ** max(attempt - 1, 0))
-    return random.uniform(min(base, ceiling), ceiling)  # noqa: S311
-
-
-def claim_tasks(*, worker_id: str, limit: int) -> list[Claim]:
-    """Take up to `limit` ready tasks for this worker, in one short transaction.
-
-    PostgreSQL: the candidate rows are locked with SKIP LOCKED so concurrent workers pick
-    disjoint sets. SQLite ignores row locks, but our connections BEGIN IMMEDIATE, so the whole
-    transaction holds the database's write lock. Either way no one else can change the rows
-    until the commit; the UPDATE still requires them to be pending, and claims all or none.
-    """
-    if limit <= 0:
-        return []
-    now = timezone.now()
-    token = uuid.uuid4()
-    lease = now + timedelta(seconds=uploads_settings.LEASE_SECONDS)
-    with transaction.atomic():
-        # The rows come whole, with their owners (the worker re-checks the owner's grants
-        # before each push), locked until the commit: nothing can change them under us.
-        tasks = list(
-            UploadTask.objects.ready(now)
-            .select_related("owner")
-            .select_for_update(skip_locked=True, of=("self",))
-            .order_by("next_attempt_at")[:limit]
-        )
-        if not tasks:
-            return []
-        claimed = {
-            "status": Status.RUNNING,
-            "claim_token": token,
-            "lease_expires_at": lease,
-            "worker_id": worker_id,
-            "started_at": now,
-        }
-        updated = UploadTask.objects.filter(
-            pk__in=[t.pk for t in tasks], status=Status.PENDING
-        ).update(attempts=F("attempts") + 1, **claimed)
-        if updated != len(tasks):  # cannot happen while the rows are locked; never half-claim
-            raise RuntimeError(f"claimed {updated} of {len(tasks)} locked tasks; rolled back")
-        for task in tasks:
-            task.attempts += 1
-            for name, value in claimed.items():
-                setattr(task, name, value)
-        attempts = UploadAttempt.objects.bulk_create(
-            UploadAttempt(
-                task=task,
-                number=task.attempts,
-                worker_id=worker_id,
-                claim_token=token,
-                started_at=now,
-            )
-            for task in tasks
-        )
-    return [Claim(task=t, token=token, attempt=a) for t, a in zip(tasks, attempts, strict=True)]
-
-
-def renew_leases(*, tokens: list[uuid.UUID]) -> int:
-    if not tokens:
-        return 0
-    lease = timezone.now() + timedelta(seconds=uploads_settings.LEASE_SECONDS)
-    return UploadTask.objects.filter(status=Status.RUNNING, claim_token__in=tokens).update(
-        lease_expires_at=lease
-    )
-
-
-def _finish_attempt(claim: Claim, outcome: str, error: str, now: datetime) -> None:
-    UploadAttempt.objects.filter(pk=claim.attempt.pk).update(
-        outcome=outcome, error=error, finished_at=now
-    )
-
-
-def _owned(claim: Claim) -> Any:
-    return UploadTask.objects.filter(
-        pk=claim.task.pk, status=Status.RUNNING, claim_token=claim.token
-    )
-
-
-def complete_success(*, claim: Claim) -> bool:
-    """Record a delivered file and delete its spool copy. False if the claim was lost."""
-    now = timezone.now()
-    with transaction.atomic():
-        updated = _owned(claim).update(
-            status=Status.SUCCEEDED,
-            finished_at=now,
-            last_error="",
-            claim_token=None,
-            lease_expires_at=None,
-        )
-        if updated:
-            _finish_attempt(claim, Outcome.SUCCEEDED, "", now)
-    if updated:
-        spool.remove(claim.task.spool_name)
-    return bool(updated)
-
-
-def complete_failure(
-    *, claim: Claim, error: str, permanent: bool, refused: bool = False
-) -> str | None:
-    """Record a failed attempt: pending again after a backoff, or failed for good.
-
-    Returns the new status, or None if the claim was lost (another worker owns the task now).
-    The spool file is kept after a failure so a retry can run. `refused`: the push would have
-    left the grant; an audit event records it with the failure.
-    """
-    now = timezone.now()
-    task = claim.task
-    final = permanent or task.attempts >= task.max_attempts
-    with transaction.atomic():
-        if final:
-            updated = _owned(claim).update(
-                status=Status.FAILED,
-                finished_at=now,
-                last_error=error,
-                claim_token=None,
-                lease_expires_at=None,
-            )
-        else:
-            updated = _owned(claim).update(
-                status=Status.PENDING,
-                next_attempt_at=now + timedelta(seconds=retry_delay(task.attempts)),
-                last_error=error,
-                claim_token=None,
-                lease_expires_at=None,
-            )
-        if not updated:
-            return None
-        _finish_attempt(claim, Outcome.FAILED if final else Outcome.RETRY, error, now)
-        if refused:
-            audit(
-                action="push",
-                outcome="refused",
-                user=task.owner,
-                task_id=task.pk,
-                instance=f"{task.remote}:{task.project}/{task.instance}",
-                path=task.path,
-                reason=error,
-            )
-    if not final:
-        notify_workers()
-    return Status.FAILED if final else Status.PENDING
-
-
-def release_claim(*, claim: Claim) -> bool:
-    """Give a task back after a shutdown interrupted its push; the attempt is not held against
-    the task (max_attempts grows if needed so it keeps at least one more attempt)."""
-    now = timezone.now()
-    with transaction.atomic():
-        updated = _owned(claim).update(
-            status=Status.PENDING,
-            next_attempt_at=now,
-            claim_token=None,
-            lease_expires_at=None,
-            max_attempts=Greatest(F("max_attempts"), F("attempts") + 1),
-        )
-        if updated:
-            _finish_attempt(claim, Outcome.INTERRUPTED, "the worker shut down during the push", now)
-    return bool(updated)
-
-
-LOST_ERROR = "the worker pushing this file stopped answering (lease expired)"
-
-
-def reap_expired_leases() -> int:
-    """Requeue tasks whose worker died (lease expired); fail those out of attempts.
-
-    Idempotent conditional UPDATEs: any number of workers may run it at once.
-    """
-    now = timezone.now()
-    reaped = 0
-    with transaction.atomic():
-        expired = list(
-            UploadTask.objects.expired_leases(now)
-            .select_for_update(skip_locked=True)
-            .values_list("pk", "claim_token", "attempts", "max_attempts")
-        )
-        for pk, token, attempts, max_attempts in expired:
-            owned = UploadTask.objects.filter(pk=pk, status=Status.RUNNING, claim_token=token)
-            if attempts >= max_attempts:
-                n = owned.update(
-                    status=Status.FAILED,
-                    finished_at=now,
-                    last_error=LOST_ERROR,
-                    claim_token=None,
-                    lease_expires_at=None,
-                )
-            else:
-                n = owned.update(
-                    status=Status.PENDING,
-                    next_attempt_at=now,
-                    last_error=LOST_ERROR,
-                    claim_token=None,
-                    lease_expires_at=None,
-                )
-            if n and token is not None:
-                UploadAttempt.objects.filter(task_id=pk, claim_token=token).update(
-                    outcome=Outcome.LOST, error=LOST_ERROR, finished_at=now
-                )
-                reaped += n
-    if reaped:
-        logger.warning("requeued %d task(s) whose worker lease expired", reaped)
-    return reaped
-
-
-def worker_beat(*, worker_id: str, threads: int, in_flight: int, processed: int) -> None:
-    now = timezone.now()
-    WorkerHeartbeat.objects.update_or_create(
-        worker_id=worker_id,
-        defaults={"last_seen_at": now, "in_flight": in_flight, "processed": processed},
-        create_defaults={
-            "hostname": socket.gethostname(),
-            "pid": os.getpid(),
-            "threads": threads,
-            "started_at": now,
-            "last_seen_at": now,
-        },
-    )
-
-
-def worker_gone(*, worker_id: str) -> None:
-    WorkerHeartbeat.objects.filter(worker_id=worker_id).delete()

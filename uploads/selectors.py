@@ -1,10 +1,12 @@
 """Reads: which tasks a user may see, and how the queue stands."""
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from fnmatch import fnmatchcase
 from typing import Any, TypedDict
 
+from django.contrib.auth.models import User
 from django.db.models import Count, Min, Q, QuerySet
 
 from uploads.grants import describe_owners, normal_prefix, owners_allow, path_below
@@ -40,6 +42,19 @@ def task_list(
     if container:
         tasks = tasks.filter(instance=container)
     return tasks.order_by("-created_at")
+
+
+def unneeded_bodies(names: list[str]) -> list[str]:
+    """The spool names no task may still need: every task using it succeeded, or none is left.
+    Failed and cancelled tasks keep theirs, since they can be retried."""
+    if not names:
+        return []
+    needed = set(
+        UploadTask.objects.filter(spool_name__in=names)
+        .exclude(status=Status.SUCCEEDED)
+        .values_list("spool_name", flat=True)
+    )
+    return [name for name in names if name not in needed]
 
 
 def pending_count() -> int:
@@ -82,9 +97,37 @@ class UploadPermission:
     confined_to: tuple[str, ...] | None = None
 
 
+# What a grant says, as the permission check compares it: (remote, project glob, instance glob,
+# path prefixes, owners, max size).
+GrantRow = tuple[str, str, str, list[str], list[str], int | None]
+GRANT_COLUMNS = ("remote", "project", "instance_glob", "path_prefixes", "owners", "max_size")
+
+
+@dataclass(frozen=True)
+class OwnerGrants:
+    """Everything the permission check needs to know about one user."""
+
+    is_superuser: bool
+    grants: tuple[GrantRow, ...]
+
+
 def user_grants(*, user: Any) -> QuerySet[Grant]:
     """The grants a user holds, directly or through a group (one row per way it is held)."""
     return Grant.objects.filter(Q(user=user) | Q(group__user=user))
+
+
+def owner_grants(owner_ids: Iterable[int]) -> dict[int, OwnerGrants]:
+    """The grants of several users at once, for a worker re-checking a batch of claims."""
+    ids = set(owner_ids)
+    rows: dict[int, list[GrantRow]] = {pk: [] for pk in ids}
+    held = Grant.objects.filter(Q(user__in=ids) | Q(group__user__in=ids))
+    for user_id, member_id, *grant in held.values_list("user", "group__user", *GRANT_COLUMNS):
+        holder = user_id if user_id in ids else member_id
+        rows.setdefault(holder, []).append(tuple(grant))
+    superusers = set(
+        User.objects.filter(pk__in=ids, is_superuser=True).values_list("pk", flat=True)
+    )
+    return {pk: OwnerGrants(pk in superusers, tuple(rows.get(pk, ()))) for pk in ids}
 
 
 def upload_permission(
@@ -98,23 +141,50 @@ def upload_permission(
     uid: int | None = None,
     gid: int | None = None,
 ) -> UploadPermission:
-    """May this user write `path` in this instance, with this owner? Superusers may push
-    anywhere.
+    """May this user write `path` in this instance, with this owner? One query that fetches
+    only the columns the check compares (none for a superuser)."""
+    grants: tuple[GrantRow, ...] = ()
+    if not user.is_superuser:
+        grants = tuple(user_grants(user=user).filter(remote=remote).values_list(*GRANT_COLUMNS))
+    return check_grants(
+        OwnerGrants(user.is_superuser, grants),
+        remote=remote,
+        project=project,
+        instance=instance,
+        path=path,
+        size=size,
+        uid=uid,
+        gid=gid,
+    )
+
+
+def check_grants(
+    owner: OwnerGrants,
+    *,
+    remote: str,
+    project: str,
+    instance: str,
+    path: str,
+    size: int | None,
+    uid: int | None = None,
+    gid: int | None = None,
+) -> UploadPermission:
+    """Whether these grants let their holder write `path` in this instance, with this owner.
+    Superusers may push anywhere.
 
     A grant allows a path strictly inside one of its directories (never the directory itself),
     the owners it names, and files up to its size. `size` is None when unknown (a chunked
-    body): the limit is then checked again once the body is in. Asked on every upload and
-    before every push, so it is one query that fetches only the columns it compares.
+    body): the limit is then checked again once the body is in.
     """
-    if user.is_superuser:
+    if owner.is_superuser:
         return UploadPermission(allowed=True)
     target = f"{instance}' in project '{project}' on remote '{remote}"
     matching = [
         (prefixes, owners, max_size)
-        for glob_project, glob_instance, prefixes, owners, max_size in user_grants(user=user)
-        .filter(remote=remote)
-        .values_list("project", "instance_glob", "path_prefixes", "owners", "max_size")
-        if fnmatchcase(project, glob_project) and fnmatchcase(instance, glob_instance)
+        for grant_remote, glob_project, glob_instance, prefixes, owners, max_size in owner.grants
+        if grant_remote == remote
+        and fnmatchcase(project, glob_project)
+        and fnmatchcase(instance, glob_instance)
     ]
     if not matching:
         return UploadPermission(False, 403, f"you have no grant for instance '{target}'")
@@ -142,7 +212,7 @@ def upload_permission(
         asked = " and ".join(
             f"{name} {value}" for name, value in (("uid", uid), ("gid", gid)) if value is not None
         )
-        allowed = describe_owners(owner for _, owners, _ in on_path for owner in owners)
+        allowed = describe_owners(named for _, owners, _ in on_path for named in owners)
         return UploadPermission(
             False,
             403,

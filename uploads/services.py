@@ -12,20 +12,18 @@ from typing import Any
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q
-from django.db.models.functions import Greatest
-from django.utils import timezone
+from django.db.models.functions import Greatest, Now
 
 from uploads import queue, spool
 from uploads.audit import audit
 from uploads.conf import uploads_settings
 from uploads.grants import parse_owner
 from uploads.models import (
-    FINISHED,
     Grant,
     Status,
     UploadTask,
 )
-from uploads.selectors import task_by_idempotency_key, task_permission
+from uploads.selectors import task_by_idempotency_key, task_permission, unneeded_bodies
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +69,11 @@ def upload_create(
     With an idempotency key the owner already used (two resends racing past the API's own
     look-up), DuplicateUpload carries the task that got the key.
 
-    The task, its audit record and the wake-up commit together: once this returns nothing
-    else touches the database, so a client never hears an error for an upload that was
-    in fact queued (it would send it again and get it delivered twice).
+    The task and its audit record commit together, and nothing after the commit can fail the
+    upload: a client never hears an error for an upload that was in fact queued (it would send
+    it again and get it delivered twice), and a queued task never loses its file.
     """
+    committed = False
     try:
         with transaction.atomic():
             task = UploadTask.objects.create(
@@ -104,7 +103,8 @@ def upload_create(
                 path=path,
                 size=spooled.size,
             )
-            queue.notify_workers()
+            transaction.on_commit(queue.notify_workers, robust=True)
+        committed = True
     except IntegrityError:
         spool.remove(spooled.name)
         earlier = (
@@ -114,7 +114,8 @@ def upload_create(
             raise
         raise DuplicateUpload(earlier) from None
     except BaseException:
-        spool.remove(spooled.name)
+        if not committed:
+            spool.remove(spooled.name)
         raise
     logger.info(
         "task=%s accepted instance=%s/%s path=%s size=%d",
@@ -141,7 +142,7 @@ def upload_retry(
                 pk=task.pk, status__in=[Status.FAILED, Status.CANCELLED]
             ).update(
                 status=Status.PENDING,
-                next_attempt_at=timezone.now(),
+                next_attempt_at=Now(),
                 finished_at=None,
                 max_attempts=Greatest(F("max_attempts"), F("attempts") + 1),
             )
@@ -150,7 +151,7 @@ def upload_retry(
             audit(
                 action="retry", outcome="done", user=actor, source=source, task_id=task.pk, via=via
             )
-            queue.notify_workers()
+            transaction.on_commit(queue.notify_workers, robust=True)
     except (TaskStateError, SpoolFileMissing, NotGranted) as exc:
         audit(
             action="retry",
@@ -182,10 +183,11 @@ def _check_retryable(task: UploadTask) -> None:
 def upload_cancel(
     *, task: UploadTask, actor: Any = None, source: str | None = None, via: str = "api"
 ) -> UploadTask:
-    """Pending → cancelled, and the spool file is removed. Audited either way."""
+    """Pending → cancelled. The spool file stays until purge, so the upload can still be
+    retried. Audited either way."""
     with transaction.atomic():
         updated = UploadTask.objects.filter(pk=task.pk, status=Status.PENDING).update(
-            status=Status.CANCELLED, finished_at=timezone.now()
+            status=Status.CANCELLED, finished_at=Now()
         )
         if updated:
             audit(
@@ -204,7 +206,6 @@ def upload_cancel(
             reason=reason,
         )
         raise TaskStateError(reason)
-    spool.remove(task.spool_name)
     task.refresh_from_db()
     logger.info("task=%s cancelled", task.pk)
     return task
@@ -226,29 +227,40 @@ def purge_finished(
     batch_size: int = 500,
     orphans_before: datetime | None = None,
 ) -> PurgeResult:
-    """Delete finished tasks (with their attempts and spool files) in batches.
+    """Delete finished tasks (with their attempts) in batches, and then the spool files of the
+    tasks deleted that no remaining task may need.
 
     Succeeded tasks older than `succeeded_before`, failed and cancelled ones older than
-    `failed_before`. With `orphans_before`, spool files that no task references and that were
-    last modified before it (left by a crash between spooling and queueing) go too.
+    `failed_before`. Each batch is locked while it is deleted: a retry that comes first keeps
+    its task (and its file); one that comes after finds the task gone. With `orphans_before`,
+    spool files last modified before it that no task may still need go too (left by a crash
+    between spooling and queueing, or after a success).
     """
-    deleted_tasks = 0
-    deleted_files = 0
-    old = UploadTask.objects.filter(
-        Q(status=Status.SUCCEEDED, finished_at__lt=succeeded_before)
-        | Q(status__in=[Status.FAILED, Status.CANCELLED], finished_at__lt=failed_before)
+    deleted_tasks = deleted_files = 0
+    old = Q(status=Status.SUCCEEDED, finished_at__lt=succeeded_before) | Q(
+        status__in=[Status.FAILED, Status.CANCELLED], finished_at__lt=failed_before
     )
-    while batch := list(old.values_list("pk", "spool_name")[:batch_size]):
+    while True:
         with transaction.atomic():
-            _, per_model = UploadTask.objects.filter(
-                pk__in=[pk for pk, _ in batch], status__in=FINISHED
-            ).delete()
+            batch = list(
+                UploadTask.objects.filter(old)
+                .select_for_update(skip_locked=True)
+                .values_list("pk", "spool_name")[:batch_size]
+            )
+            if not batch:
+                break
+            _, per_model = UploadTask.objects.filter(pk__in=[pk for pk, _ in batch]).delete()
         deleted_tasks += per_model.get(UploadTask._meta.label, 0)
-        deleted_files += sum(spool.remove(name) for _, name in batch)
+        names = sorted({name for _, name in batch if name})
+        deleted_files += sum(spool.remove(name) for name in unneeded_bodies(names))
     if orphans_before is not None:
+        chunk: list[str] = []
         for name in spool.names(modified_before=orphans_before.timestamp()):
-            if not UploadTask.objects.filter(spool_name=name).exclude(status__in=FINISHED).exists():
-                deleted_files += spool.remove(name)
+            chunk.append(name)
+            if len(chunk) == batch_size:
+                deleted_files += sum(spool.remove(n) for n in unneeded_bodies(chunk))
+                chunk = []
+        deleted_files += sum(spool.remove(n) for n in unneeded_bodies(chunk))
     logger.info("purged %d task(s) and %d spool file(s)", deleted_tasks, deleted_files)
     return PurgeResult(tasks=deleted_tasks, spool_files=deleted_files)
 

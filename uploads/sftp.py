@@ -109,6 +109,13 @@ class UpgradedSocket:
         self.broken = True
         self._sock.close()
 
+    def shutdown(self) -> None:
+        """From another thread: end the connection; a send or recv waiting on it fails now."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed
+
 
 def _read_head(sock: socket.socket) -> tuple[bytes, bytes]:
     data = b""

@@ -72,6 +72,14 @@ def has_room_for(size: int) -> bool:
     return free >= size + uploads_settings.SPOOL_RESERVE_BYTES
 
 
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def open_body(name: str) -> BinaryIO:
     """The kept body, for reading from the start; BodyMissing when there is none."""
     try:
@@ -224,6 +232,8 @@ class SpoolWriter:
         self._file = None
         os.replace(self._part, spool_path(self.name))
         self._committed = True
+        # The rename is durable only once the directory is: a 202 must survive a power cut.
+        _fsync_directory(self._part.parent)
         return SpooledFile(name=self.name, size=self.size, sha256=self._hash.hexdigest())
 
     def abort(self) -> None:

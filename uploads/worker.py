@@ -1,12 +1,20 @@
-"""The push worker: a pool of threads that claim ready tasks and push their files.
+"""The push worker: a pool of threads that push the files of the tasks the main thread claims.
 
-The main thread claims (one short transaction per batch) and hands each claim to one of N
-long-lived push threads, each with its own pusher (pylxd sessions are not thread-safe) and its
-own database connection, which it closes when it ends. The main thread then sleeps until a slot
-frees, a PostgreSQL NOTIFY or a ring on the SQLite wake-up pipe (uploads.wakeup) arrives, or
-the poll interval passes. A heartbeat thread renews the leases of what is in flight; expired
-leases of dead workers are reaped by the loop itself.
-The first SIGTERM/SIGINT drains, a second one releases what is in flight and exits.
+The main thread does all the queue's writes: it records how the pushes that ended went (a whole
+batch in one transaction), reaps expired leases of dead workers, claims as many ready tasks as
+threads are free, re-checks their owners' grants (one look-up per batch) and hands each to a
+long-lived push thread, which owns its pusher (sessions are not thread-safe) and touches no
+database. It then sleeps until a push ends, a PostgreSQL NOTIFY or a ring on the SQLite wake-up
+pipe arrives, or the poll interval passes.
+
+A heartbeat thread renews the leases of what is in flight. A claim it could not renew (another
+worker reaped the task) is revoked, and its push stops before publishing anything; so does a
+push whose lease may run out before it ends (the database was unreachable for most of a lease).
+The main thread restarts the heartbeat thread should it ever die.
+
+The first SIGTERM/SIGINT drains: no new claims, in-flight pushes get the grace period. What is
+still unfinished then is stopped (its connections closed, so it cannot publish late) and
+released for another worker. A second signal does that at once.
 """
 
 import functools
@@ -19,15 +27,17 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from queue import SimpleQueue
+from dataclasses import dataclass
+from queue import Empty, SimpleQueue
 from types import FrameType
 from typing import Any, BinaryIO
 
-from django.db import close_old_connections, connection, connections
+from django.db import close_old_connections, connection
 
-from uploads import metrics, queue, selectors, services, spool
+from uploads import metrics, queue, selectors, spool
 from uploads.conf import uploads_settings
 from uploads.pushers import (
+    NotHeld,
     OutsideGrant,
     PermanentPushError,
     Pusher,
@@ -35,8 +45,12 @@ from uploads.pushers import (
     PushRequest,
     build_pusher,
 )
+from uploads.queue import Claim, Completion, Result
 
 logger = logging.getLogger(__name__)
+
+# Pushes stopped at shutdown get this long to notice before their claims are released anyway.
+STOP_WAIT_SECONDS = 5.0
 
 
 def default_worker_id() -> str:
@@ -48,6 +62,14 @@ def _open_body(name: str) -> BinaryIO:
         return spool.open_body(name)
     except spool.BodyMissing as exc:
         raise PermanentPushError("the spooled file is missing on this server") from exc
+
+
+@dataclass(frozen=True)
+class _Ended:
+    """A push that ended, on its way from its push thread to the main thread."""
+
+    completion: Completion
+    duration: float
 
 
 class Worker:
@@ -71,9 +93,15 @@ class Worker:
         self._stopping = threading.Event()
         self._force = threading.Event()
         self._wake = threading.Event()
-        self._jobs: SimpleQueue[queue.Claim | None] = SimpleQueue()
-        self._in_flight: dict[uuid.UUID, queue.Claim] = {}
+        self._jobs: SimpleQueue[tuple[Claim, PushRequest] | None] = SimpleQueue()
+        self._ended: SimpleQueue[_Ended] = SimpleQueue()
+        # Completions that could not be recorded yet (the database was unreachable).
+        self._unrecorded: list[_Ended] = []
+        # Claims by (task, token): a task reclaimed under a new token is another claim.
+        self._in_flight: dict[tuple[uuid.UUID, uuid.UUID], Claim] = {}
+        self._pushers: list[Pusher] = []
         self._lock = threading.Lock()
+        self._heartbeat: threading.Thread | None = None
         self.processed = 0
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -124,7 +152,7 @@ class Worker:
         ]
         for thread in pool:
             thread.start()
-        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        self._start_heartbeat()
         if not self.burst:
             threading.Thread(
                 target=queue.listen_for_work,
@@ -158,28 +186,71 @@ class Worker:
     def _loop(self) -> None:
         last_reap = 0.0
         while not self._stopping.is_set():
-            # Cleared before claiming: a push that ends meanwhile still wakes the wait below.
+            # Cleared first: a push that ends meanwhile still wakes the wait below.
             self._wake.clear()
+            self._supervise_heartbeat()
+            self._record_ended()
             now = time.monotonic()
             if now - last_reap >= self.poll_interval:
-                self._guarded(queue.reap_expired_leases)
+                with self._lock:
+                    holding = list(self._in_flight)
+                self._guarded(functools.partial(queue.reap, holding=holding))
                 last_reap = now
+            claims: list[Claim] = []
             free = self.threads - len(self._in_flight)
-            claims: list[queue.Claim] = []
-            if free > 0:
+            if free > 0 and not self._unrecorded:
                 claims = self._guarded(functools.partial(self._claim, free)) or []
-                for claim in claims:
-                    with self._lock:
-                        self._in_flight[claim.task.pk] = claim
-                    self._jobs.put(claim)
             close_old_connections()
             if self.burst and not claims and not self._in_flight:
                 return
             # Sleep until a push ends, a NOTIFY or a ring arrives, or the poll is due.
             self._wake.wait(self.poll_interval * random.uniform(0.8, 1.2))  # noqa: S311
 
-    def _claim(self, limit: int) -> list[queue.Claim]:
-        return queue.claim_tasks(worker_id=self.worker_id, limit=limit)
+    def _claim(self, limit: int) -> list[Claim]:
+        claims = queue.claim(worker_id=self.worker_id, limit=limit)
+        if not claims:
+            return claims
+        grants = selectors.owner_grants(c.task.owner_id for c in claims)
+        refused = []
+        for claim in claims:
+            task = claim.task
+            permission = selectors.check_grants(
+                grants[task.owner_id],
+                remote=task.remote,
+                project=task.project,
+                instance=task.instance,
+                path=task.path,
+                size=task.size,
+                uid=task.uid,
+                gid=task.gid,
+            )
+            with self._lock:
+                self._in_flight[claim.key] = claim
+            if not permission.allowed:
+                error = f"grant revoked: {permission.reason}"
+                refused.append(_Ended(Completion(claim, Result.PERMANENT, error), 0.0))
+                continue
+            self._jobs.put((claim, self._request(claim, permission.confined_to)))
+        self._record(refused)
+        return claims
+
+    @staticmethod
+    def _request(claim: Claim, confined_to: tuple[str, ...] | None) -> PushRequest:
+        task = claim.task
+        return PushRequest(
+            open_source=functools.partial(_open_body, task.spool_name),
+            size=task.size,
+            instance=task.instance,
+            project=task.project,
+            path=task.path,
+            mode=task.mode,
+            uid=task.uid,
+            gid=task.gid,
+            create_dirs=task.create_dirs,
+            remote=task.remote,
+            confined_to=confined_to,
+            held=claim.held,
+        )
 
     def _guarded(self, fn: Callable[[], Any]) -> Any:
         """Run a queue statement; a database hiccup is logged and retried next round."""
@@ -191,107 +262,129 @@ class Worker:
             self._stopping.wait(min(self.poll_interval, 1.0))
             return None
 
-    # --- the push threads ---------------------------------------------------------------
+    # --- recording results ---------------------------------------------------------------
 
-    def _push_thread(self) -> None:
-        pusher = self.pusher_factory()
-        try:
-            while (claim := self._jobs.get()) is not None:
-                try:
-                    self._process(pusher, claim)
-                finally:
-                    with self._lock:
-                        self._in_flight.pop(claim.task.pk, None)
-                    self._wake.set()
-        finally:
-            pusher.close()
-            connections.close_all()
+    def _record_ended(self) -> None:
+        ended = []
+        while True:
+            try:
+                ended.append(self._ended.get_nowait())
+            except Empty:
+                break
+        self._record(ended)
 
-    def _process(self, pusher: Pusher, claim: queue.Claim) -> None:
-        task = claim.task
-        started = time.monotonic()
-        error: str | None = None
-        permanent = refused = False
+    def _record(self, ended: list[_Ended]) -> None:
+        """Write how these pushes (and any earlier ones not written yet) went, in one go."""
+        batch = self._unrecorded + ended
+        if not batch:
+            return
         try:
-            if not spool.exists(task.spool_name):
-                raise services.SpoolFileMissing("the spooled file is missing on this server")
-            permission = selectors.task_permission(task)
-            if not permission.allowed:
-                raise services.NotGranted(permission.reason)
-            pusher.push(
-                PushRequest(
-                    open_source=functools.partial(_open_body, task.spool_name),
-                    size=task.size,
-                    instance=task.instance,
-                    project=task.project,
-                    path=task.path,
-                    mode=task.mode,
-                    uid=task.uid,
-                    gid=task.gid,
-                    create_dirs=task.create_dirs,
-                    remote=task.remote,
-                    confined_to=permission.confined_to,
-                )
-            )
-        except OutsideGrant as exc:
-            error, permanent, refused = exc.message, True, True
-        except PushError as exc:
-            error, permanent = exc.message, exc.permanent
-        except services.SpoolFileMissing as exc:
-            error, permanent = str(exc), True
-        except services.NotGranted as exc:
-            error, permanent = f"grant revoked: {exc}", True
-        except Exception as exc:
-            logger.exception("task=%s unexpected error while pushing", task.pk)
-            error = f"internal error: {type(exc).__name__}: {exc}"
-        outcome: str | None
-        try:
-            if error is None:
-                outcome = "succeeded" if queue.complete_success(claim=claim) else None
-            else:
-                outcome = queue.complete_failure(
-                    claim=claim, error=error, permanent=permanent, refused=refused
-                )
+            statuses = queue.complete([e.completion for e in batch])
         except Exception:
-            logger.exception("task=%s could not record its result; its lease will expire", task.pk)
-            outcome = "unrecorded"
-        finally:
-            close_old_connections()
+            logger.exception("could not record %d push result(s); will try again", len(batch))
+            connection.close()
+            self._unrecorded = batch
+            return
+        self._unrecorded = []
+        for item in batch:
+            claim = item.completion.claim
+            with self._lock:
+                self._in_flight.pop(claim.key, None)
+            self._report(item, statuses.get(claim))
+
+    def _report(self, item: _Ended, status: str | None) -> None:
+        completion = item.completion
+        task = completion.claim.task
+        outcome = status or "claim-lost"
+        if completion.result == Result.RELEASED and status:
+            outcome = "released"
         self.processed += 1
-        duration = time.monotonic() - started
-        metrics.PUSH_ATTEMPTS.labels(outcome=outcome or "claim-lost").inc()
-        metrics.PUSH_DURATION.labels(outcome=outcome or "claim-lost").observe(duration)
+        metrics.PUSH_ATTEMPTS.labels(outcome=outcome).inc()
+        metrics.PUSH_DURATION.labels(outcome=outcome).observe(item.duration)
         logger.info(
             "task=%s instance=%s/%s path=%s attempt=%d/%d outcome=%s duration=%.3fs%s",
-            task.pk,
+            task.id,
             task.project,
             task.instance,
             task.path,
             task.attempts,
             task.max_attempts,
-            outcome or "claim-lost",
-            duration,
-            f" error={error!r}" if error else "",
-            extra={"task_id": str(task.pk), "outcome": outcome, "duration": duration},
+            outcome,
+            item.duration,
+            f" error={completion.error!r}" if completion.error else "",
+            extra={"task_id": str(task.id), "outcome": outcome, "duration": item.duration},
         )
 
-    # --- background threads -------------------------------------------------------------
+    # --- the push threads ---------------------------------------------------------------
+
+    def _push_thread(self) -> None:
+        pusher = self.pusher_factory()
+        with self._lock:
+            self._pushers.append(pusher)
+        try:
+            while (job := self._jobs.get()) is not None:
+                claim, request = job
+                started = time.monotonic()
+                completion = self._push(pusher, claim, request)
+                self._ended.put(_Ended(completion, time.monotonic() - started))
+                self._wake.set()
+        finally:
+            pusher.close()
+
+    def _push(self, pusher: Pusher, claim: Claim, request: PushRequest) -> Completion:
+        try:
+            if not spool.exists(claim.task.spool_name):
+                raise PermanentPushError("the spooled file is missing on this server")
+            pusher.push(request)
+        except NotHeld as exc:
+            return Completion(claim, Result.RELEASED, exc.message)
+        except OutsideGrant as exc:
+            return Completion(claim, Result.REFUSED, exc.message)
+        except PushError as exc:
+            if claim.revoked.is_set():  # stopped on purpose: not a failure of the push
+                return Completion(claim, Result.RELEASED, exc.message)
+            return Completion(
+                claim, Result.PERMANENT if exc.permanent else Result.TRANSIENT, exc.message
+            )
+        except Exception as exc:
+            logger.exception("task=%s unexpected error while pushing", claim.task.id)
+            return Completion(
+                claim, Result.TRANSIENT, f"internal error: {type(exc).__name__}: {exc}"
+            )
+        return Completion(claim, Result.SUCCEEDED)
+
+    # --- the heartbeat ------------------------------------------------------------------
+
+    def _start_heartbeat(self) -> None:
+        self._heartbeat = threading.Thread(
+            target=self._heartbeat_loop, name="heartbeat", daemon=True
+        )
+        self._heartbeat.start()
+
+    def _supervise_heartbeat(self) -> None:
+        if self._heartbeat is not None and not self._heartbeat.is_alive():
+            logger.error("the heartbeat thread died; starting a new one")
+            self._start_heartbeat()
 
     def _heartbeat_loop(self) -> None:
         """Renew the leases of what is in flight and say this worker is alive."""
         interval = max(min(uploads_settings.LEASE_SECONDS / 3, 10.0), 0.05)
         while not self._force.is_set():
             with self._lock:
-                tokens = list({c.token for c in self._in_flight.values()})
-            if self._stopping.is_set() and not tokens:
+                claims = list(self._in_flight.values())
+            if self._stopping.is_set() and not claims:
                 return
             try:
-                if tokens:
-                    queue.renew_leases(tokens=tokens)
+                for lost in queue.renew(claims):
+                    logger.warning(
+                        "task=%s: another worker took it over (the lease expired); its push "
+                        "stops before publishing",
+                        lost.task.id,
+                    )
                 queue.worker_beat(
                     worker_id=self.worker_id,
                     threads=self.threads,
-                    in_flight=len(tokens),
+                    in_flight=len(claims),
                     processed=self.processed,
                 )
             except Exception:
@@ -307,22 +400,39 @@ class Worker:
         for _ in pool:
             self._jobs.put(None)
         deadline = time.monotonic() + self.grace_period
-        for thread in pool:
-            while thread.is_alive() and not self._force.is_set():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                thread.join(timeout=min(remaining, 0.2))
+        while any(t.is_alive() for t in pool) and not self._force.is_set():
+            if time.monotonic() >= deadline:
+                break
+            self._wake.clear()
+            self._record_ended()
+            self._wake.wait(min(deadline - time.monotonic(), 0.2))
+        self._record_ended()
         with self._lock:
             unfinished = list(self._in_flight.values())
         if not unfinished:
             logger.info("worker %s stopped after %d push(es)", self.worker_id, self.processed)
             return 0
-        released = 0
+        # Stop what still runs before giving it back: it must not publish once another worker
+        # may be pushing the same task.
         for claim in unfinished:
-            try:
-                released += queue.release_claim(claim=claim)
-            except Exception:
-                logger.exception("task=%s not released; its lease will expire", claim.task.pk)
-        logger.warning("released %d unfinished push(es) for another worker", released)
+            claim.revoked.set()
+        with self._lock:
+            pushers = list(self._pushers)
+        for pusher in pushers:
+            pusher.interrupt()
+        # Their connections are closed, so none can publish any more; a moment to clean up and
+        # say how they ended, unless a second signal asked to exit at once.
+        stop_by = time.monotonic() + (0 if self._force.is_set() else STOP_WAIT_SECONDS)
+        for thread in pool:
+            thread.join(timeout=max(stop_by - time.monotonic(), 0))
+        self._record_ended()
+        with self._lock:
+            unfinished = list(self._in_flight.values())
+        self._record(
+            [
+                _Ended(Completion(c, Result.RELEASED, queue.INTERRUPTED_ERROR), 0.0)
+                for c in unfinished
+            ]
+        )
+        logger.warning("released %d unfinished push(es) for another worker", len(unfinished))
         return 1
