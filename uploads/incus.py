@@ -389,6 +389,41 @@ class _Delivery:
                 return f"{link} is a symbolic link to {leads}, {granted}"
         return f"{self.req.path} leads to {destination.path}, {granted}"
 
+    def _pin(self, handle: Any, temp: str, directory: str) -> None:
+        """Check that our temporary file is really in `directory`, reached through directories
+        only, and not where a link planted on the way sent it.
+
+        The file is marked through its handle (a random modification time, which a process
+        in the instance cannot give a file it does not own), then looked up by path after every
+        directory on the way was checked. A process swapping a directory for a link and back
+        must hit the instant between these requests, twice per push (after the file is
+        created, and right before the rename), to move a file out of the grant.
+        """
+        marker = secrets.randbelow(1 << 30)
+        try:
+            current = handle.stat()
+            handle.utime((current.st_atime, marker))
+        except OSError as exc:
+            raise self._failed(exc, "marking", temp) from exc
+        self._recheck(directory)
+        try:
+            seen = self.sftp.lstat(temp)
+        except FileNotFoundError:
+            seen = None
+        except OSError as exc:
+            raise self._failed(exc, "looking up", temp) from exc
+        if (
+            seen is None
+            or not stat.S_ISREG(seen.st_mode or 0)
+            or seen.st_mtime != marker
+            or (seen.st_uid, seen.st_gid, seen.st_size)
+            != (current.st_uid, current.st_gid, current.st_size)
+        ):
+            raise OutsideGrant(
+                f"a directory on the way to {directory} in {self.where} changed while the file "
+                "was being placed; nothing was published"
+            )
+
     def _recheck(self, directory: str) -> None:
         """After our temporary file exists: every directory on its way must still be one, not
         a link planted meanwhile by a process in the instance. Nothing is written before."""
@@ -430,7 +465,7 @@ class _Delivery:
         self.temp = temp
         try:
             if confined:
-                self._recheck(directory)
+                self._pin(handle, temp, directory)  # before a byte of data is written
             if mode & 0o044 != 0o044:
                 # The server creates files 0644 (pkg/sftp's fixed mode): hide the data from the
                 # readers the final mode shuts out while it is being written.
@@ -454,7 +489,6 @@ class _Delivery:
                 written = handle.stat()
             except OSError as exc:
                 raise self._failed(exc, "setting the mode of", temp) from exc
-            handle.close()
             problem = self._mismatch(written, mode, uid, gid)
             if problem:
                 raise TransientPushError(f"the new {target} in {self.where} {problem}")
@@ -462,6 +496,14 @@ class _Delivery:
                 raise TransientPushError(
                     f"the new {target} in {self.where} differs from the upload (SHA-256)"
                 )
+            if confined:
+                self._pin(handle, temp, directory)  # and once more right before the rename
+                try:
+                    handle.utime((written.st_atime, written.st_mtime))  # the marker goes
+                except OSError as exc:
+                    raise self._failed(exc, "setting the time of", temp) from exc
+            handle.close()
+            self._still_held()
             self._rename(temp, target)
             self.temp = None
         except BaseException:
