@@ -358,3 +358,40 @@ class TestMultipartRefusedLeavesNothing:
         assert again["Idempotent-Replayed"] == "true"
         assert again.json()["id"] == str(task.pk)
         assert spool_files(spool) == [task.spool_name]
+
+
+def two_parts() -> dict[str, Any]:
+    parts: dict[str, Any] = {}
+    for name in ("a", "b"):
+        parts[name] = io.BytesIO(b"x" * 100_000)
+        parts[name].name = f"{name}.bin"
+    return parts
+
+
+class TestMultipartElsewhereLeavesNothing:
+    """Beyond the upload endpoint: the spool's upload handler parses every multipart body that
+    any view (or the CSRF check before it) reads, so a refusal anywhere must clean up too."""
+
+    @pytest.mark.parametrize("url", ["/admin/login/", "/healthz", "/metrics"])
+    def test_anonymous_post_refused_by_csrf(self, spool: Path, url: str) -> None:
+        """Attack, no account needed: a multipart POST with a csrftoken cookie of the client's
+        own choosing and no token. The CSRF check reads the body to look for the token, so
+        every file part (up to 100 per request, each up to the upload size limit) is spooled
+        before the 403, and stayed there with no task."""
+        client = APIClient(enforce_csrf_checks=True)
+        client.cookies["csrftoken"] = _get_new_csrf_string()
+        response = client.post(url, two_parts(), format="multipart")
+        assert response.status_code == 403
+        assert spool_files(spool) == []
+
+    @pytest.mark.parametrize("action", ["retry", "cancel"])
+    def test_session_post_to_an_action_refused_by_csrf(
+        self, user: Any, spool: Path, action: str
+    ) -> None:
+        """Attack: a logged-in session posts a multipart body to retry/cancel without its CSRF
+        token; the parts stayed in the spool."""
+        task = make_task(user)
+        client = csrf_session_client("alice", "pw-alice-123")
+        response = client.post(f"{URL}{task.pk}/{action}/", two_parts(), format="multipart")
+        assert response.status_code == 403
+        assert spool_files(spool) == [task.spool_name]
