@@ -576,3 +576,45 @@ def test_symlink_in_a_stopped_instance_is_refused_too(
         assert not is_running(STOPPED)
     finally:
         incus("file", "delete", f"{STOPPED}/etc/{name}", check=False)
+
+
+# --- beyond the issue ----------------------------------------------------------------------
+
+
+def test_a_link_into_another_granted_directory_does_not_lend_its_owners(
+    tree: Tree, alice: Any, alice_api: APIClient
+) -> None:
+    """Attack: alice holds two grants in the instance: <grant> with owners 1000:1000 and
+    <root>/srv/shared with any owner, and <root>/srv/shared/l -> <grant>. An upload to
+    <root>/srv/shared/l/<file> with uid/gid 1001 passes the API on the string (shared allows any
+    owner), and its resolved location is inside a granted directory, but not one whose grant
+    allows 1001: the file must not land there owned by 1001."""
+    shared = f"{tree.root}/srv/shared"
+    run_in(RUNNING, "mkdir", shared)
+    grant(alice, tree.granted, owners=["1000:1000"])
+    grant(alice, shared, owners=["*"])
+    symlink_in(RUNNING, f"{shared}/l", tree.granted)
+
+    task = pushed(
+        accepted(alice_api, f"{shared}/l/other.txt", x_file_uid="1001", x_file_gid="1001")
+    )
+
+    landed = f"{tree.granted}/other.txt"
+    assert not exists_in(RUNNING, landed), f"{landed} landed owned by 1001:1001"
+    assert task.status == Status.FAILED and task.attempts == 1, task.last_error
+
+
+def test_owners_narrowed_while_the_upload_waited_are_checked_at_push_time(
+    tree: Tree, alice: Any, alice_api: APIClient
+) -> None:
+    """Interleaving: alice uploads with uid/gid 1000 while her grant allows 1000:1000; before
+    the push an administrator narrows the grant's owners to none. Like a revoked grant, the
+    push is refused and nothing lands owned by 1000."""
+    granted = grant(alice, tree.granted, owners=["1000:1000"])
+    task = accepted(alice_api, f"{tree.granted}/f.txt", x_file_uid="1000", x_file_gid="1000")
+    Grant.objects.filter(pk=granted.pk).update(owners=[])
+
+    task = pushed(task)
+
+    assert_absent(f"{tree.granted}/f.txt")
+    assert task.status == Status.FAILED and task.attempts == 1, task.last_error
