@@ -48,3 +48,58 @@ def stat_in(instance: str, path: str, project: str = "default") -> tuple[str, in
 
 def unique_dir() -> str:
     return f"/tmp/uploadsvc-test-{uuid.uuid4().hex[:12]}"
+
+
+def unique_name(prefix: str = "uploadsvc-escape") -> str:
+    """A file name no other test run uses, e.g. for a target outside a grant."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def is_running(instance: str, project: str = "default") -> bool:
+    state = incus("list", instance, "--format", "csv", "--columns", "s", project=project)
+    return state.strip() == "RUNNING"
+
+
+def exists_in(instance: str, path: str, project: str = "default") -> bool:
+    """Whether anything is at `path` inside the instance: a file, a directory or a link, even a
+    dangling one. A stopped instance is asked through `incus file pull`, which follows links."""
+    if is_running(instance, project):
+        answer = run_in(
+            instance,
+            "sh",
+            "-c",
+            'if [ -e "$1" ] || [ -L "$1" ]; then echo yes; else echo no; fi',
+            "sh",
+            path,
+            project=project,
+        )
+        return answer.strip() == "yes"
+    result = subprocess.run(
+        ["incus", "--project", project, "file", "pull", f"{instance}{path}", "-"],
+        capture_output=True,
+        check=False,
+        timeout=120,
+    )
+    if result.returncode == 0:
+        return True
+    if b"does not exist" in result.stderr:
+        return False
+    raise AssertionError(f"incus file pull {instance}{path} failed: {result.stderr.decode()}")
+
+
+def entries_in(instance: str, directory: str, project: str = "default") -> list[str]:
+    """The names in a directory of a running instance, dot files included."""
+    return sorted(run_in(instance, "ls", "-A1", directory, project=project).split())
+
+
+def symlink_in(
+    instance: str, link: str, target: str, *, uid: int | None = None, project: str = "default"
+) -> None:
+    """`busybox ln -s target link` inside a running instance, as root or as the given uid (and
+    the same gid): what a process in the instance can do."""
+    user = [] if uid is None else ["--user", str(uid), "--group", str(uid)]
+    incus("exec", *user, instance, "--", "busybox", "ln", "-s", target, link, project=project)
+
+
+def readlink_in(instance: str, path: str, project: str = "default") -> str:
+    return run_in(instance, "busybox", "readlink", path, project=project).strip()
