@@ -44,8 +44,8 @@ from uploads.exceptions import (
 from uploads.models import UploadTask
 from uploads.serializers import (
     UploadListQuerySerializer,
-    UploadParamsSerializer,
     UploadTaskSerializer,
+    parse_upload_params,
 )
 from uploads.wsgi import ENVIRON_KEY
 
@@ -181,9 +181,7 @@ def _check_capacity(request: Request) -> int | None:
 
 
 def _validated(data: dict[str, Any]) -> dict[str, Any]:
-    params = UploadParamsSerializer(data={k: v for k, v in data.items() if v is not None})
-    params.is_valid(raise_exception=True)
-    return dict(params.validated_data)
+    return parse_upload_params(data)
 
 
 def _expected_sha256(request: Request) -> str | None:
