@@ -38,6 +38,19 @@ def _fast_passwords(settings: Any) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _fresh_process_caches() -> Iterator[None]:
+    """What a web process keeps between requests (tokens and grants, the pending count) starts
+    empty in each test, as in a new process."""
+    from uploads import access, selectors
+
+    access.cache.clear()
+    selectors.forget_pending_count()
+    yield
+    access.cache.clear()
+    selectors.forget_pending_count()
+
+
+@pytest.fixture(autouse=True)
 def spool(settings: Any, tmp_path: Path) -> Path:
     """Every test gets its own empty spool directory."""
     path = tmp_path / "spool"

@@ -531,9 +531,11 @@ class TestChangePage:
         )
         assert response.json()["id"] == str(task.pk)
 
-    def test_shows_spool_file_existence(self, admin_client: Client, user: Any, spool: Path) -> None:
+    def test_shows_whether_the_uploaded_file_is_kept(
+        self, admin_client: Client, user: Any, spool: Path
+    ) -> None:
         task = make_task(user)
-        field = re.compile(r'Spool file on disk:</label>\s*<div class="readonly">([^<]*)</div>')
+        field = re.compile(r'Uploaded file kept:</label>\s*<div class="readonly">([^<]*)</div>')
         assert field.search(admin_client.get(change_url(task)).content.decode())[1] == "yes"
         (spool / task.spool_name).unlink()
         assert field.search(admin_client.get(change_url(task)).content.decode())[1] == "no"

@@ -9,7 +9,10 @@ from django.contrib.auth.models import Permission
 from rest_framework.test import APIClient
 
 from tests.conftest import spool_files, token_client
+from uploads.conf import DEFAULTS
 from uploads.models import Status, UploadTask
+
+INLINE_MAX = DEFAULTS["INLINE_MAX_BYTES"]
 
 URL = "/api/uploads/"
 pytestmark = pytest.mark.django_db
@@ -107,7 +110,8 @@ class TestAccepted:
         assert response.json()["path"] == "/srv/www/index.html"
 
     def test_spool_name_never_comes_from_client_input(self, api: APIClient, spool: Path) -> None:
-        response = raw_upload(api, x_host_path="../../etc/passwd", x_file_path="/tmp/../../x")
+        body = b"x" * (INLINE_MAX + 1)  # large enough for a spool file
+        response = raw_upload(api, body, x_host_path="../../etc/passwd", x_file_path="/tmp/../../x")
         assert response.status_code == 202
         (name,) = spool_files(spool)
         assert name == UploadTask.objects.get().spool_name
@@ -217,28 +221,31 @@ class TestBadInput:
     def test_no_room_on_spool_filesystem_is_507(
         self, api: APIClient, spool: Path, settings: Any
     ) -> None:
-        # A reserve larger than any disk: the real free-space check must refuse.
+        # A reserve larger than any disk: the real free-space check must refuse. A small body
+        # needs no room there: it travels in its task's row.
         settings.UPLOADS = {**settings.UPLOADS, "SPOOL_RESERVE_BYTES": 10**18}
-        response = raw_upload(api)
+        response = raw_upload(api, b"x" * (INLINE_MAX + 1))
         assert response.status_code == 507
         assert "detail" in response.json()
         assert_nothing_queued(spool)
+        assert raw_upload(api).status_code == 202
 
-    def test_database_failure_after_the_insert_queues_nothing(
-        self, api: APIClient, spool: Path, monkeypatch: pytest.MonkeyPatch
+    @pytest.mark.parametrize("size", [6, INLINE_MAX + 1])
+    def test_a_database_failure_while_queueing_is_503_and_leaves_nothing(
+        self, api: APIClient, spool: Path, monkeypatch: pytest.MonkeyPatch, size: int
     ) -> None:
-        # Injected fault (a real database cannot be made to fail between two statements on
-        # demand): the audit write that follows the task's INSERT fails. The client hears 503
-        # and must find nothing queued, or its resend would be delivered twice.
+        # Injected fault (a real database cannot be made to fail at one statement on demand):
+        # the task's INSERT fails. The client hears 503 and finds nothing queued and no spooled
+        # file (a small body would have travelled in the row, a larger one is in the spool).
         from django.db import OperationalError
 
-        from uploads.models import AuditEvent
+        from uploads import queue
 
         def lost_connection(*args: Any, **kwargs: Any) -> None:
             raise OperationalError("server closed the connection unexpectedly")
 
-        monkeypatch.setattr(AuditEvent.objects, "create", lost_connection)
-        response = raw_upload(api)
+        monkeypatch.setattr(queue, "enqueue", lost_connection)
+        response = raw_upload(api, b"x" * size)
         assert response.status_code == 503
         assert "detail" in response.json()
         assert_nothing_queued(spool)
@@ -253,7 +260,7 @@ class TestBadInput:
         assert response["Retry-After"] == "7"
         assert "try again" in response.json()["detail"]
         assert UploadTask.objects.count() == 1
-        assert len(spool_files(spool)) == 1
+        assert spool_files(spool) == []  # the small body travels in its row
 
 
 class TestReading:
@@ -313,7 +320,7 @@ class TestRetryAndCancel:
     def test_cancel_pending_keeps_the_spool_file_for_a_retry(
         self, api: APIClient, spool: Path
     ) -> None:
-        task = raw_upload(api).json()
+        task = raw_upload(api, b"x" * (INLINE_MAX + 1)).json()
         response = api.post(f"{URL}{task['id']}/cancel/")
         assert response.status_code == 200
         assert response.json()["status"] == "cancelled"
@@ -351,7 +358,7 @@ class TestRetryAndCancel:
         assert response.json()["status"] == "pending"
 
     def test_retry_without_spool_file_is_410(self, api: APIClient, spool: Path) -> None:
-        task = raw_upload(api).json()
+        task = raw_upload(api, b"x" * (INLINE_MAX + 1)).json()
         api.post(f"{URL}{task['id']}/cancel/")
         (spool / UploadTask.objects.get().spool_name).unlink()
         response = api.post(f"{URL}{task['id']}/retry/")
@@ -493,7 +500,7 @@ class TestIdempotencyKey:
         assert again["Location"] == first["Location"]
         assert again.json()["id"] == first.json()["id"]
         assert UploadTask.objects.count() == 1
-        assert len(spool_files(spool)) == 1
+        assert spool_files(spool) == []
 
     def test_multipart_resend_gets_the_first_task_and_its_part_is_not_kept(
         self, api: APIClient, spool: Path
@@ -529,7 +536,7 @@ class TestIdempotencyKey:
         assert response.status_code == 422
         assert first["id"] in response.json()["detail"]
         assert UploadTask.objects.count() == 1
-        assert len(spool_files(spool)) == 1
+        assert spool_files(spool) == []
 
     @pytest.mark.parametrize("key", ["", "x" * 256, "caf\u00e9", "tab\there"])
     def test_a_malformed_key_is_400(self, api: APIClient, spool: Path, key: str) -> None:

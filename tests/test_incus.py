@@ -32,6 +32,7 @@ from tests.incus_utils import (
 )
 from uploads.incus import IncusPusher
 from uploads.models import Outcome, Status, UploadAttempt, UploadTask
+from uploads.selectors import body_kept
 from uploads.worker import Worker
 
 pytestmark = [pytest.mark.incus, pytest.mark.django_db(transaction=True)]
@@ -137,7 +138,7 @@ def test_missing_instance_fails_once_then_retry_after_creating_it_succeeds(
     assert task.status == Status.FAILED
     assert task.attempts == 1
     assert task.last_error == f"instance '{name}' not found in project 'default'"
-    assert spool_files(spool) == [task.spool_name]  # kept for the retry
+    assert body_kept(task)  # for the retry
 
     incus("create", IMAGE, name)
     try:

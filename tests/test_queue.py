@@ -374,7 +374,7 @@ def test_a_wake_up_that_fails_never_fails_the_upload_or_loses_its_file(
         fault = mock.patch.object(queue._notifier, "ring", side_effect=OSError("injected"))
     try:
         with fault:
-            response = raw_upload(api)
+            response = raw_upload(api, b"x" * 100_000)  # a spool file, not a body in the row
             assert response.status_code == 202, response.content
             task = UploadTask.objects.get()
             assert spool_files(spool) == [task.spool_name]

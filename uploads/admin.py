@@ -182,6 +182,11 @@ class UploadTaskAdmin(TaskAdminBase):
         "created_at",
     )
     list_select_related = ("owner",)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[UploadTask]:
+        # Small bodies travel in the rows: a page of uploads need not load them.
+        return super().get_queryset(request).defer("body")
+
     search_fields = ("instance", "path", "filename", "last_error")
     search_help_text = _(
         "Instance, path, file name or error text; or a task id, whole or its first characters."
@@ -265,9 +270,9 @@ class UploadTaskAdmin(TaskAdminBase):
     def mode_display(self, task: UploadTask) -> str:
         return self.get_empty_value_display() if task.mode is None else f"{task.mode:04o}"
 
-    @admin.display(description=_("spool file on disk"))
+    @admin.display(description=_("uploaded file kept"))
     def spool_file_display(self, task: UploadTask) -> str:
-        if spool.exists(task.spool_name):
+        if selectors.body_kept(task):
             return str(_("yes"))
         if task.status in RETRYABLE:
             return str(_("no: the file is gone, so this upload cannot be retried"))
@@ -357,7 +362,7 @@ class UploadTaskAdmin(TaskAdminBase):
         if (
             obj is not None
             and obj.status in RETRYABLE
-            and spool.exists(obj.spool_name)
+            and selectors.body_kept(obj)
             and self.has_change_permission(request, obj)
         ):
             context["retry_url"] = self._url("retry", obj.pk)

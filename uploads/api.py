@@ -2,6 +2,7 @@
 
 import base64
 import binascii
+import functools
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
+from rest_framework.authentication import SessionAuthentication
 from rest_framework.decorators import action
 from rest_framework.exceptions import (
     APIException,
@@ -28,7 +30,10 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from uploads import metrics, selectors, services, spool
+from uploads.access import Access, StaleAccess
+from uploads.access import cache as access_cache
 from uploads.audit import audit
+from uploads.authentication import CachedTokenAuthentication, user_of
 from uploads.conf import uploads_settings
 from uploads.exceptions import (
     BodyTimeout,
@@ -173,9 +178,10 @@ def _check_capacity(request: Request) -> int | None:
         raise PayloadTooLarge(
             f"The upload is {length} bytes; this server accepts at most {max_size} bytes."
         )
-    if selectors.pending_count() >= uploads_settings.MAX_PENDING:
+    if selectors.pending_count_recent() >= uploads_settings.MAX_PENDING:
         raise QueueFull(wait=uploads_settings.RETRY_AFTER_SECONDS)
-    if not spool.has_room_for(length or 0):
+    small = length is not None and length <= uploads_settings.INLINE_MAX_BYTES
+    if not small and not spool.has_room_for(length or 0):  # a small body needs no spool
         raise InsufficientStorage()
     return length
 
@@ -225,16 +231,26 @@ def _verify_digest(params: dict[str, Any], spooled: spool.SpooledFile) -> None:
 
 
 def _check_granted(request: Request, params: dict[str, Any], size: int | None) -> None:
-    permission = selectors.upload_permission(
-        user=request.user,
-        remote=params["remote"],
-        project=params["project"],
-        instance=params["container"],
-        path=params["path"],
-        size=size,
-        uid=params["uid"],
-        gid=params["gid"],
-    )
+    destination = {
+        "remote": params["remote"],
+        "project": params["project"],
+        "instance": params["container"],
+        "path": params["path"],
+        "size": size,
+        "uid": params["uid"],
+        "gid": params["gid"],
+    }
+    cached = request.auth if isinstance(request.auth, Access) else None
+    if cached is not None:
+        permission = selectors.check_grants(cached.grants, **destination)
+        if not permission.allowed:
+            # Grants cached in this process may miss one added since: refuse only on fresh ones.
+            access_cache.forget(cached.key)
+            request.user, fresh = user_of(access_cache.load(cached.key))
+            request.auth = fresh
+            permission = selectors.check_grants(fresh.grants, **destination)
+    else:
+        permission = selectors.upload_permission(user=request.user, **destination)
     if permission.allowed:
         return
     if permission.status == status.HTTP_413_REQUEST_ENTITY_TOO_LARGE:
@@ -322,6 +338,9 @@ class UploadViewSet(
             # Only an upload streams its file part into the spool; every other form in the
             # service is parsed by Django's own handlers, which clean up after themselves.
             request.upload_handlers = [spool.SpoolUploadHandler(request)]
+            # An upload's INSERT verifies that the token and grants it was checked against are
+            # still current, so they may come from the process's cache (uploads.access).
+            drf_request.authenticators = (CachedTokenAuthentication(), SessionAuthentication())
         return drf_request
 
     def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
@@ -424,14 +443,23 @@ class UploadViewSet(
             return self._replayed(request, earlier)
         else:
             params, spooled = self._receive_raw(request)
+        cached = request.auth if isinstance(request.auth, Access) else None
+        create = functools.partial(
+            services.upload_create,
+            spooled=spooled,
+            idempotency_key=key,
+            source=_source(request),
+            **params,
+        )
         try:
-            task = services.upload_create(
-                owner=owner,
-                spooled=spooled,
-                idempotency_key=key,
-                source=_source(request),
-                **params,
-            )
+            try:
+                task = create(owner=owner, generation=cached.generation if cached else None)
+            except StaleAccess:
+                # Tokens, users or grants changed since this process cached them (only a
+                # cached access can be stale): check again, from the database.
+                task = create(
+                    owner=self._recheck_access(request, cast(Access, cached), params, spooled)
+                )
         except services.DuplicateUpload as exc:  # a resend that raced the first one
             _check_same_upload(params, exc.task)
             return self._replayed(request, exc.task)
@@ -439,6 +467,19 @@ class UploadViewSet(
         metrics.UPLOADS_ACCEPTED.inc()
         metrics.UPLOAD_BYTES.inc(task.size)
         return self._accepted(task)
+
+    def _recheck_access(
+        self, request: Request, cached: Access, params: dict[str, Any], spooled: spool.SpooledFile
+    ) -> User:
+        access_cache.forget(cached.key)
+        try:
+            user, request.auth = user_of(access_cache.load(cached.key))
+            request.user = user
+            _check_granted(request, params, spooled.size)
+        except APIException:
+            spool.remove(spooled.name)
+            raise
+        return cast(User, user)
 
     def _accepted(self, task: UploadTask, **headers: str) -> Response:
         location = reverse("upload-detail", args=[task.pk])
@@ -475,9 +516,12 @@ class UploadViewSet(
             read = request._request.read
         try:
             with _body_read_timeout(request):
-                spooled = spool.spool_stream(
-                    read, expected=length, max_size=uploads_settings.MAX_UPLOAD_SIZE
-                )
+                if length is not None and length <= uploads_settings.INLINE_MAX_BYTES:
+                    spooled = spool.read_small(read, expected=length)
+                else:
+                    spooled = spool.spool_stream(
+                        read, expected=length, max_size=uploads_settings.MAX_UPLOAD_SIZE
+                    )
         except spool.BodyTooLarge as exc:
             raise PayloadTooLarge(str(exc)) from exc
         except spool.SpoolFull as exc:

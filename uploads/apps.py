@@ -8,4 +8,4 @@ class UploadsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from uploads import checks  # noqa: F401  (registers the system checks)
+        from uploads import access, checks  # noqa: F401  (register the signals and checks)

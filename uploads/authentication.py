@@ -1,12 +1,15 @@
-"""Token authentication with an optional lifetime (UPLOADS['TOKEN_TTL_SECONDS'])."""
+"""Token authentication with an optional lifetime (UPLOADS['TOKEN_TTL_SECONDS']), and the
+variant uploads use, which keeps tokens in the process (uploads.access)."""
 
 from datetime import timedelta
 from typing import Any
 
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 from rest_framework.authentication import TokenAuthentication
 from rest_framework.exceptions import AuthenticationFailed
 
+from uploads import access
 from uploads.conf import uploads_settings
 
 
@@ -18,7 +21,30 @@ class ExpiringTokenAuthentication(TokenAuthentication):
 
     def authenticate_credentials(self, key: str) -> tuple[Any, Any]:
         user, token = super().authenticate_credentials(key)
-        ttl = uploads_settings.TOKEN_TTL_SECONDS
-        if ttl and token.created < timezone.now() - timedelta(seconds=ttl):
-            raise AuthenticationFailed("Token has expired; ask for a new one.")
+        check_lifetime(token)
         return user, token
+
+
+def check_lifetime(token: Any) -> None:
+    ttl = uploads_settings.TOKEN_TTL_SECONDS
+    if ttl and token.created < timezone.now() - timedelta(seconds=ttl):
+        raise AuthenticationFailed("Token has expired; ask for a new one.")
+
+
+class CachedTokenAuthentication(ExpiringTokenAuthentication):
+    """The same token check against the process's cache of tokens and grants; `request.auth`
+    is then the Access, whose generation the upload's INSERT verifies (uploads.access)."""
+
+    def authenticate_credentials(self, key: str) -> tuple[Any, Any]:
+        found = access.cache.get(key) or access.cache.load(key)
+        return user_of(found)
+
+
+def user_of(found: "access.Access | None") -> tuple[Any, Any]:
+    """(user, access) for a found access, as DRF's token check would accept it."""
+    if found is None:
+        raise AuthenticationFailed(_("Invalid token."))
+    if not found.user.is_active:
+        raise AuthenticationFailed(_("User inactive or deleted."))
+    check_lifetime(found.token)
+    return found.user, found

@@ -44,6 +44,9 @@ DEFAULTS: dict[str, Any] = {
     "TOKEN_TTL_SECONDS": None,
     # Seconds a client may go without sending body bytes before the upload is abandoned (408).
     "BODY_READ_TIMEOUT": 60.0,
+    # Bodies up to this size travel in their task's row instead of a spool file: one INSERT
+    # makes them durable (no file to create, fsync and rename).
+    "INLINE_MAX_BYTES": 64 * 1024,
     # Size of the chunks read from the request and written to the spool.
     "CHUNK_SIZE": 1024 * 1024,
 }

@@ -60,7 +60,10 @@ class UploadTask(models.Model):
     uid = models.PositiveBigIntegerField(_("uid"), null=True, blank=True)
     gid = models.PositiveBigIntegerField(_("gid"), null=True, blank=True)
     create_dirs = models.BooleanField(_("create parent directories"), default=False)
-    spool_name = models.CharField(_("spool file"), max_length=100, editable=False)
+    spool_name = models.CharField(_("spool file"), max_length=100, blank=True, editable=False)
+    # A small body travels in the row itself (UPLOADS['INLINE_MAX_BYTES']): no spool file, and
+    # the row's commit is what makes it durable. Cleared once the task succeeded.
+    body = models.BinaryField(_("body"), null=True, blank=True, editable=False)
     idempotency_key = models.CharField(
         _("idempotency key"),
         max_length=255,
@@ -82,6 +85,9 @@ class UploadTask(models.Model):
     worker_id = models.CharField(_("worker"), max_length=200, blank=True)
 
     created_at = models.DateTimeField(_("created at"), db_default=Now(), db_index=True)
+    # Who sent it, with the owner and the creation time: the task row is the record of the
+    # accepted upload (refused ones are audit events).
+    source = models.GenericIPAddressField(_("source address"), null=True, blank=True)
     started_at = models.DateTimeField(_("started at"), null=True, blank=True)
     finished_at = models.DateTimeField(_("finished at"), null=True, blank=True)
 
@@ -281,6 +287,23 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.username or '-'} {self.action} {self.outcome}"
+
+
+class AccessGeneration(models.Model):
+    """One row: a counter bumped by every change to tokens, users, groups and grants, so that
+    web processes can keep them between uploads and still see a revocation at once (see
+    uploads.access)."""
+
+    SINGLETON = 1
+
+    id = models.PositiveSmallIntegerField(primary_key=True, default=SINGLETON)
+    value = models.BigIntegerField(default=0)
+
+    class Meta:
+        verbose_name = _("access generation")
+
+    def __str__(self) -> str:
+        return str(self.value)
 
 
 class WorkerHeartbeat(models.Model):

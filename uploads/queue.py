@@ -14,6 +14,8 @@ reap), the worker heartbeat rows, and the wake-up that tells idle workers a task
   using it succeeded (failed and cancelled ones can be retried; purge removes those).
 """
 
+import dataclasses
+import functools
 import logging
 import os
 import random
@@ -33,9 +35,17 @@ from django.db.models import Case, F, Q, Value, When
 from django.db.models.functions import Greatest, Now
 
 from uploads import spool, wakeup
+from uploads.access import StaleAccess, current_generation
 from uploads.audit import audit
 from uploads.conf import uploads_settings
-from uploads.models import Outcome, Status, UploadAttempt, UploadTask, WorkerHeartbeat
+from uploads.models import (
+    AccessGeneration,
+    Outcome,
+    Status,
+    UploadAttempt,
+    UploadTask,
+    WorkerHeartbeat,
+)
 from uploads.selectors import unneeded_bodies
 
 logger = logging.getLogger(__name__)
@@ -67,6 +77,8 @@ class Job:
     create_dirs: bool
     size: int
     spool_name: str
+    # The body itself when it travels in the row (small uploads), else None: in the spool.
+    body: bytes | None
     attempts: int
     max_attempts: int
 
@@ -133,6 +145,74 @@ def _postgresql() -> bool:
     return connection.vendor == "postgresql"
 
 
+# --- enqueue ---------------------------------------------------------------------------------
+
+ENQUEUED_COLUMNS = (
+    "id",
+    "owner_id",
+    "remote",
+    "project",
+    "instance",
+    "path",
+    "filename",
+    "size",
+    "sha256",
+    "mode",
+    "uid",
+    "gid",
+    "create_dirs",
+    "spool_name",
+    "body",
+    "idempotency_key",
+    "max_attempts",
+    "source",
+)
+
+
+@functools.cache
+def _enqueue_sql() -> str:
+    """PostgreSQL: the task's values, each cast to its column's type (an INSERT ... SELECT
+    infers nothing from the target), added only while the access generation holds."""
+    values = []
+    for column in ENQUEUED_COLUMNS:
+        db_type = UploadTask._meta.get_field(column.removesuffix("_id")).db_type(connection)
+        cast = "text" if str(db_type).startswith("varchar") else db_type
+        values.append(f"%({column})s::{cast}")
+    generations = AccessGeneration._meta.db_table
+    return f"""
+INSERT INTO {TASKS} ({", ".join(ENQUEUED_COLUMNS)}, status, attempts, last_error, worker_id,
+                     next_attempt_at, created_at)
+SELECT {", ".join(values)}, 'pending', 0, '', '', statement_timestamp(), statement_timestamp()
+WHERE (SELECT value FROM {generations} WHERE id = %(singleton)s) = %(generation)s
+RETURNING created_at
+"""  # noqa: S608
+
+
+def enqueue(task: UploadTask, *, generation: int | None = None) -> None:
+    """Insert a new task, ready now. With `generation`, only if the access generation it was
+    checked under still holds (uploads.access); StaleAccess otherwise, and nothing is added.
+
+    On PostgreSQL with a generation this is the single statement an accepted upload costs;
+    otherwise a transaction of its own (a SQLite transaction holds the write lock throughout).
+    """
+    if generation is not None and _postgresql():
+        values = {column: getattr(task, column) for column in ENQUEUED_COLUMNS}
+        values.update(singleton=AccessGeneration.SINGLETON, generation=generation)
+        with connection.cursor() as cursor:
+            cursor.execute(_enqueue_sql(), values)
+            row = cursor.fetchone()
+        if row is None:
+            raise StaleAccess()
+        task.created_at = task.next_attempt_at = row[0]
+        task._state.adding = False
+        task._state.db = connection.alias
+        return
+    with transaction.atomic():
+        if generation is not None and current_generation() != generation:
+            raise StaleAccess()
+        task.save(force_insert=True)
+
+
 # --- claim -----------------------------------------------------------------------------------
 
 JOB_COLUMNS = (
@@ -148,6 +228,7 @@ JOB_COLUMNS = (
     "create_dirs",
     "size",
     "spool_name",
+    "body",
     "attempts",
     "max_attempts",
 )
@@ -177,6 +258,13 @@ FROM claimed c JOIN attempts a ON a.task_id = c.id
 """  # noqa: S608
 
 
+def _job(row: Sequence[Any]) -> Job:
+    job = Job(*row)
+    if job.body is not None and not isinstance(job.body, bytes):
+        job = dataclasses.replace(job, body=bytes(job.body))  # a memoryview from some drivers
+    return job
+
+
 def claim(*, worker_id: str, limit: int) -> list[Claim]:
     """Take up to `limit` ready tasks for this worker: each gets a token, a lease and an
     attempt row. Concurrent workers take disjoint sets."""
@@ -190,7 +278,7 @@ def claim(*, worker_id: str, limit: int) -> list[Claim]:
             rows = cursor.fetchall()
         return [
             Claim(
-                task=Job(*row[: len(JOB_COLUMNS)]),
+                task=_job(row[: len(JOB_COLUMNS)]),
                 token=row[-2],
                 attempt_id=row[-1],
                 renewed_at=started,
@@ -224,7 +312,7 @@ def _claim_orm(worker_id: str, limit: int, started: float) -> list[Claim]:
                 started_at=row[-1],
             )
             claims.append(
-                Claim(task=Job(*row[:-1]), token=token, attempt_id=attempt.pk, renewed_at=started)
+                Claim(task=_job(row[:-1]), token=token, attempt_id=attempt.pk, renewed_at=started)
             )
     return claims
 
@@ -314,7 +402,7 @@ def complete(completions: Sequence[Completion]) -> dict[Claim, str | None]:
         for done in completions:
             status = _complete_one(done)
             statuses[done.claim] = status
-            if status == Status.SUCCEEDED:
+            if status == Status.SUCCEEDED and done.claim.task.spool_name:
                 freed.append(done.claim.task.spool_name)
     # After the commit: a body nobody else needs goes; a retried sibling keeps it.
     for name in unneeded_bodies(freed):
@@ -330,7 +418,9 @@ def _complete_one(done: Completion) -> str | None:
     finished = {"claim_token": None, "lease_expires_at": None}
     if done.result == Result.SUCCEEDED:
         status, outcome = Status.SUCCEEDED, Outcome.SUCCEEDED
-        updated = owned.update(status=status, finished_at=Now(), last_error="", **finished)
+        updated = owned.update(
+            status=status, finished_at=Now(), last_error="", body=None, **finished
+        )
     elif done.result == Result.RELEASED:
         status, outcome = Status.PENDING, Outcome.INTERRUPTED
         updated = owned.update(

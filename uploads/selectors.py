@@ -1,5 +1,6 @@
 """Reads: which tasks a user may see, and how the queue stands."""
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -9,6 +10,7 @@ from typing import Any, TypedDict
 from django.contrib.auth.models import User
 from django.db.models import Count, Min, Q, QuerySet
 
+from uploads import spool
 from uploads.grants import describe_owners, normal_prefix, owners_allow, path_below
 from uploads.models import Grant, Status, UploadTask, WorkerHeartbeat
 
@@ -25,9 +27,18 @@ def may_change_task(user: Any, task: UploadTask) -> bool:
     return bool(user.is_staff and user.has_perm("uploads.change_uploadtask"))
 
 
+def body_kept(task: UploadTask) -> bool:
+    """Whether the uploaded bytes are still here (in the row, or in the spool), so that the
+    upload can be pushed (again)."""
+    if task.spool_name:
+        return spool.exists(task.spool_name)
+    return UploadTask.objects.filter(pk=task.pk, body__isnull=False).exists()
+
+
 def visible_tasks(*, user: Any) -> QuerySet[UploadTask]:
-    """A user sees their own tasks; staff see what their model permissions let them."""
-    tasks = UploadTask.objects.all()
+    """A user sees their own tasks; staff see what their model permissions let them. Bodies
+    kept in the rows are not loaded."""
+    tasks = UploadTask.objects.defer("body")
     if not may_see_all_tasks(user):
         tasks = tasks.filter(owner=user)
     return tasks
@@ -59,6 +70,34 @@ def unneeded_bodies(names: list[str]) -> list[str]:
 
 def pending_count() -> int:
     return UploadTask.objects.pending().count()
+
+
+_pending: tuple[int, float] | None = None
+PENDING_COUNT_MAX_AGE = 1.0
+
+
+def pending_count_recent() -> int:
+    """The number of pending tasks, counted at most once a second per process and kept up to
+    date with this process's own uploads in between: uploads check it against
+    UPLOADS['MAX_PENDING'], a soft limit, and counting on each would cost a scan of the queue
+    per upload."""
+    global _pending
+    now = time.monotonic()
+    if _pending is None or now - _pending[1] > PENDING_COUNT_MAX_AGE:
+        _pending = (pending_count(), now)
+    return _pending[0]
+
+
+def count_pending_upload() -> None:
+    """This process queued a task: the recent count includes it."""
+    global _pending
+    if _pending is not None:
+        _pending = (_pending[0] + 1, _pending[1])
+
+
+def forget_pending_count() -> None:
+    global _pending
+    _pending = None
 
 
 class QueueSummary(TypedDict):

@@ -15,6 +15,7 @@ from django.db.models import F, Q
 from django.db.models.functions import Greatest, Now
 
 from uploads import queue, spool
+from uploads.access import StaleAccess
 from uploads.audit import audit
 from uploads.conf import uploads_settings
 from uploads.grants import parse_owner
@@ -23,7 +24,13 @@ from uploads.models import (
     Status,
     UploadTask,
 )
-from uploads.selectors import task_by_idempotency_key, task_permission, unneeded_bodies
+from uploads.selectors import (
+    body_kept,
+    count_pending_upload,
+    task_by_idempotency_key,
+    task_permission,
+    unneeded_bodies,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,48 +70,43 @@ def upload_create(
     create_dirs: bool = False,
     idempotency_key: str = "",
     source: str | None = None,
+    generation: int | None = None,
 ) -> UploadTask:
-    """Queue a spooled file for delivery. On any failure the spool file is deleted.
+    """Queue a received body for delivery. The task row is the record of the accepted upload
+    (owner, source address, time).
 
-    With an idempotency key the owner already used (two resends racing past the API's own
-    look-up), DuplicateUpload carries the task that got the key.
+    With `generation` (the access generation the upload's token and grants were checked
+    under, see uploads.access), the task is added only if it still holds: StaleAccess
+    otherwise, and the body is kept for the caller to check again. With an idempotency key the
+    owner already used (two resends racing past the API's own look-up), DuplicateUpload carries
+    the task that got the key. On any other failure the spooled file is deleted.
 
-    The task and its audit record commit together, and nothing after the commit can fail the
-    upload: a client never hears an error for an upload that was in fact queued (it would send
-    it again and get it delivered twice), and a queued task never loses its file.
+    Nothing after the commit can fail the upload: a client never hears an error for an upload
+    that was in fact queued (it would send it again and get it delivered twice).
     """
-    committed = False
+    task = UploadTask(
+        owner=owner,
+        instance=container,
+        project=project,
+        remote=remote,
+        path=path,
+        filename=filename,
+        size=spooled.size,
+        sha256=spooled.sha256,
+        mode=mode,
+        uid=uid,
+        gid=gid,
+        create_dirs=create_dirs,
+        spool_name=spooled.name,
+        body=spooled.data,
+        idempotency_key=idempotency_key,
+        max_attempts=uploads_settings.MAX_ATTEMPTS,
+        source=source,
+    )
     try:
-        with transaction.atomic():
-            task = UploadTask.objects.create(
-                owner=owner,
-                instance=container,
-                project=project,
-                remote=remote,
-                path=path,
-                filename=filename,
-                size=spooled.size,
-                sha256=spooled.sha256,
-                mode=mode,
-                uid=uid,
-                gid=gid,
-                create_dirs=create_dirs,
-                spool_name=spooled.name,
-                idempotency_key=idempotency_key,
-                max_attempts=uploads_settings.MAX_ATTEMPTS,
-            )
-            audit(
-                action="upload",
-                outcome="accepted",
-                user=owner,
-                source=source,
-                task_id=task.pk,
-                instance=f"{remote}:{project}/{container}",
-                path=path,
-                size=spooled.size,
-            )
-            transaction.on_commit(queue.notify_workers, robust=True)
-        committed = True
+        queue.enqueue(task, generation=generation)
+    except StaleAccess:
+        raise
     except IntegrityError:
         spool.remove(spooled.name)
         earlier = (
@@ -114,9 +116,10 @@ def upload_create(
             raise
         raise DuplicateUpload(earlier) from None
     except BaseException:
-        if not committed:
-            spool.remove(spooled.name)
+        spool.remove(spooled.name)
         raise
+    count_pending_upload()
+    transaction.on_commit(queue.notify_workers, robust=True)
     logger.info(
         "task=%s accepted instance=%s/%s path=%s size=%d",
         task.pk,
@@ -173,7 +176,7 @@ def _check_retryable(task: UploadTask) -> None:
         raise TaskStateError(
             f"only failed or cancelled uploads can be retried (this one is {task.status})"
         )
-    if not spool.exists(task.spool_name):
+    if not body_kept(task):
         raise SpoolFileMissing("the uploaded file is no longer on the server; upload it again")
     permission = task_permission(task)
     if not permission.allowed:

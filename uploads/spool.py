@@ -52,14 +52,24 @@ class BodyMissing(Exception):
 
 @dataclass(frozen=True)
 class SpooledFile:
+    """A body as received: kept in the spool under `name`, or, when small enough to travel in
+    its task's row, held in `data` (and `name` is empty)."""
+
     name: str
     size: int
     sha256: str
+    data: bytes | None = None
+
+
+_made: set[Path] = set()
 
 
 def spool_dir() -> Path:
+    """The spool directory, made (private) the first time this process needs it."""
     path = uploads_settings.spool_dir
-    path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    if path not in _made:
+        path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+        _made.add(path)
     return path
 
 
@@ -128,6 +138,8 @@ def make_private() -> list[Path]:
 
 def remove(name: str) -> bool:
     """Delete a spool file and any partial file of the same name; True when it existed."""
+    if not name:
+        return False  # a body kept in its task's row
     spool_path(name + PART_SUFFIX).unlink(missing_ok=True)
     try:
         os.unlink(spool_path(name))
@@ -249,6 +261,26 @@ class SpoolWriter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.abort()
+
+
+def read_small(read: Callable[[int], bytes], *, expected: int) -> SpooledFile:
+    """Read a body small enough to travel in its task's row (UPLOADS['INLINE_MAX_BYTES']):
+    whole, hashed, nothing on disk. A body that ends early raises TruncatedBody."""
+    chunks = []
+    received = 0
+    while received < expected:
+        try:
+            chunk = read(expected - received)
+        except OSError as exc:
+            raise TruncatedBody(f"the connection failed while reading the body: {exc}") from exc
+        if not chunk:
+            break
+        chunks.append(chunk)
+        received += len(chunk)
+    if received != expected:
+        raise TruncatedBody(f"the body ended after {received} of {expected} bytes (Content-Length)")
+    data = b"".join(chunks)
+    return SpooledFile(name="", size=received, sha256=hashlib.sha256(data).hexdigest(), data=data)
 
 
 def spool_stream(

@@ -18,6 +18,7 @@ released for another worker. A second signal does that at once.
 """
 
 import functools
+import io
 import logging
 import os
 import random
@@ -237,8 +238,12 @@ class Worker:
     @staticmethod
     def _request(claim: Claim, confined_to: tuple[str, ...] | None) -> PushRequest:
         task = claim.task
+        if task.body is not None:
+            open_source: Callable[[], BinaryIO] = functools.partial(io.BytesIO, task.body)
+        else:
+            open_source = functools.partial(_open_body, task.spool_name)
         return PushRequest(
-            open_source=functools.partial(_open_body, task.spool_name),
+            open_source=open_source,
             size=task.size,
             instance=task.instance,
             project=task.project,
@@ -333,7 +338,7 @@ class Worker:
 
     def _push(self, pusher: Pusher, claim: Claim, request: PushRequest) -> Completion:
         try:
-            if not spool.exists(claim.task.spool_name):
+            if claim.task.body is None and not spool.exists(claim.task.spool_name):
                 raise PermanentPushError("the spooled file is missing on this server")
             pusher.push(request)
         except NotHeld as exc:
