@@ -271,6 +271,10 @@ def test_a_path_that_cannot_travel_in_a_header_lands_under_its_own_name(
     assert sha256_in(RUNNING, f"{workdir}/résumé €.txt") == hashlib.sha256(b"ok\n").hexdigest()
     assert UploadTask.objects.get().filename == "résumé €.txt"
 
+    piped = delivering.run("push", "--wait", "-", f"{RUNNING}{workdir}/naïve.txt", stdin=b"in\n")
+    assert piped.returncode == 0, piped.stderr
+    assert sha256_in(RUNNING, f"{workdir}/naïve.txt") == hashlib.sha256(b"in\n").hexdigest()
+
 
 class FaultyProxy:
     """A TCP proxy in front of the real server that spoils the first connection, then relays

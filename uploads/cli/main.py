@@ -384,7 +384,8 @@ class Push:
             task = self.client.upload(
                 self.fields(source),
                 body,
-                filename=source.display if source.display != "-" else "",
+                # The server keeps it for display; a multipart file part needs one.
+                filename=source.display if source.display != "-" else "stdin",
                 idempotency_key=f"uploadsvc-{self.run_id}-{number}",
                 sent=attempt,
             )
