@@ -252,11 +252,11 @@ def test_recursive_push_of_a_small_tree_refusing_symlinks(
 def test_standard_input_is_pushed(delivering: Service, workdir: str) -> None:
     body = b"from a pipe\n" * 1000
     dest = f"{workdir}/from-stdin.txt"
-    result = delivering.run("push", "--wait", "-p", "-", f"{RUNNING}{dest}", stdin=body)
+    result = delivering.run("push", "--wait", "--json", "-p", "-", f"{RUNNING}{dest}", stdin=body)
     assert result.returncode == 0, result.stderr
-    [(task_id, _, status)] = lines(result.stdout)
-    assert status == "succeeded"
-    assert UploadTask.objects.get(pk=task_id).size == len(body)
+    [task] = json.loads(result.stdout)  # --json: the final task objects, nothing else
+    assert (task["status"], task["path"], task["size"]) == ("succeeded", dest, len(body))
+    assert task["filename"] == "stdin"
     assert sha256_in(RUNNING, dest) == hashlib.sha256(body).hexdigest()
 
 
