@@ -32,6 +32,17 @@ def _remove_the_wakeup_pipe() -> Iterator[None]:
         Path(f"{name}{wakeup.SUFFIX}").unlink(missing_ok=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _background_connections_end_first(django_db_setup: None) -> Iterator[None]:
+    """The service's own threads that talk to the database (the NOTIFY sender, the listener of
+    waiting requests) end by themselves once idle; the test database is dropped only after."""
+    yield
+    from uploads import queue, waiting
+
+    queue.stop_notifier()
+    waiting.waiters.stop()
+
+
 @pytest.fixture(autouse=True)
 def _fast_passwords(settings: Any) -> None:
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

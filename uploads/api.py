@@ -52,6 +52,7 @@ from uploads.serializers import (
     UploadTaskSerializer,
     parse_upload_params,
 )
+from uploads.waiting import TooManyWaiters, waiters
 from uploads.wsgi import ENVIRON_KEY
 
 # Raw-form headers → parameter names (the seed's X-Container-Name / X-File-Path / X-Host-Path).
@@ -317,6 +318,20 @@ def _check_same_upload(params: dict[str, Any], task: UploadTask) -> None:
         )
 
 
+MAX_WAIT_SECONDS = 60
+
+
+def _wait_seconds(request: Request) -> int | None:
+    raw = request.query_params.get("wait")
+    if raw is None:
+        return None
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_WAIT_SECONDS:
+        raise ValidationError(
+            {"wait": [f"A whole number of seconds from 1 to {MAX_WAIT_SECONDS}."]}
+        )
+    return int(raw)
+
+
 def _source(request: Request) -> str | None:
     address: str | None = request.META.get("REMOTE_ADDR") or None
     return address
@@ -365,6 +380,40 @@ class UploadViewSet(
                 "user's upload needs the permission to change uploads."
             )
         return task
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "wait",
+                int,
+                OpenApiParameter.QUERY,
+                description=(
+                    "Hold the answer up to this many seconds (1-60) until the upload is "
+                    "finished (succeeded, failed or cancelled); an unfinished upload is then "
+                    "answered with `Wait-Timed-Out: true`. When the server already holds too "
+                    "many waiting requests it answers at once, with `Retry-After`."
+                ),
+            )
+        ],
+        responses={200: UploadTaskSerializer, 400: OpenApiResponse(), 404: OpenApiResponse()},
+    )
+    def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        wait = _wait_seconds(request)
+        task = self.get_object()
+        headers = {}
+        if wait and not task.is_finished:
+
+            def finished() -> bool:
+                task.refresh_from_db(fields=["status"])
+                return task.is_finished
+
+            try:
+                if not waiters.wait(task.pk, wait, finished):
+                    headers["Wait-Timed-Out"] = "true"
+            except TooManyWaiters:
+                headers["Retry-After"] = "1"
+            task.refresh_from_db()
+        return Response(self.get_serializer(task).data, headers=headers)
 
     @extend_schema(parameters=[UploadListQuerySerializer])
     def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:

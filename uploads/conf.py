@@ -47,6 +47,10 @@ DEFAULTS: dict[str, Any] = {
     # Bodies up to this size travel in their task's row instead of a spool file: one INSERT
     # makes them durable (no file to create, fsync and rename).
     "INLINE_MAX_BYTES": 64 * 1024,
+    # Requests one web process lets wait for a task to finish (`?wait=`) at a time: each holds
+    # a server thread, so keep it well below the server's threads per process. Beyond it, a
+    # request is answered at once with the task as it is (and Retry-After).
+    "MAX_WAITERS": 2,
     # Size of the chunks read from the request and written to the spool.
     "CHUNK_SIZE": 1024 * 1024,
 }

@@ -39,6 +39,7 @@ from uploads.access import StaleAccess, current_generation
 from uploads.audit import audit
 from uploads.conf import uploads_settings
 from uploads.models import (
+    FINISHED,
     AccessGeneration,
     Outcome,
     Status,
@@ -47,6 +48,7 @@ from uploads.models import (
     WorkerHeartbeat,
 )
 from uploads.selectors import unneeded_bodies
+from uploads.waiting import FINISHED_CHANNEL
 
 logger = logging.getLogger(__name__)
 
@@ -409,6 +411,7 @@ def complete(completions: Sequence[Completion]) -> dict[Claim, str | None]:
         spool.remove(name)
     if any(done.result == Result.RELEASED for done in completions):
         notify_workers()  # ready again at once
+    announce_finished(c.task.id for c, status in statuses.items() if status in FINISHED)
     return statuses
 
 
@@ -501,25 +504,60 @@ def notify_workers() -> None:
         logger.warning("could not wake the workers; they find the task at their next poll")
 
 
+def announce_finished(task_ids: Iterable[uuid.UUID]) -> None:
+    """Tell requests waiting for these tasks (uploads.waiting) that they finished. PostgreSQL:
+    a NOTIFY with their ids, sent like the wake-ups; SQLite's waiters poll. Never raises."""
+    ids = [str(task_id) for task_id in task_ids]
+    if not ids:
+        return
+    try:
+        if _postgresql():
+            _notifier.ring(finished=ids)
+    except Exception:
+        logger.warning("could not announce finished uploads; waiting clients find out later")
+
+
 class _Notifier:
     """Sends NOTIFY from a thread and a connection of its own, at most once every `interval`
     seconds however many uploads ask: a notifying transaction holds a database-wide lock through
-    its commit, so it must stay out of the uploads' own transactions and be rare."""
+    its commit, so it must stay out of the uploads' own transactions and be rare. Finished task
+    ids gathered meanwhile go in the same round, on FINISHED_CHANNEL."""
 
     interval = 0.005
     idle = 1.0  # close the connection after this long without a ring
+    payload_ids = 200  # a NOTIFY payload stays under 8000 bytes
 
     def __init__(self) -> None:
         self._wanted = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._ready = False
+        self._finished: list[str] = []
 
-    def ring(self) -> None:
-        self._wanted.set()
+    def ring(self, finished: Sequence[str] = ()) -> None:
         with self._lock:
+            if finished:
+                self._finished.extend(finished)
+            else:
+                self._ready = True
+            self._wanted.set()
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
                 self._thread.start()
+
+    def _take(self) -> tuple[bool, list[str]]:
+        with self._lock:
+            ready, finished = self._ready, self._finished
+            self._ready, self._finished = False, []
+            return ready, finished
+
+    def _send(self, conn: Any) -> None:
+        ready, finished = self._take()
+        if ready:
+            conn.execute("SELECT pg_notify(%s, '')", [NOTIFY_CHANNEL])
+        for start in range(0, len(finished), self.payload_ids):
+            payload = ",".join(finished[start : start + self.payload_ids])
+            conn.execute("SELECT pg_notify(%s, %s)", [FINISHED_CHANNEL, payload])
 
     def _run(self) -> None:
         import psycopg
@@ -532,7 +570,7 @@ class _Notifier:
                     if conn is None:
                         params = connection.get_connection_params()
                         conn = psycopg.connect(**params, autocommit=True)
-                    conn.execute("SELECT pg_notify(%s, '')", [NOTIFY_CHANNEL])
+                    self._send(conn)
                 except Exception as exc:
                     logger.warning("NOTIFY failed (%s); workers will poll", exc)
                     if conn is not None:
@@ -552,6 +590,11 @@ class _Notifier:
 
 
 _notifier = _Notifier()
+
+
+def stop_notifier() -> None:
+    """Wait until the NOTIFY thread has closed its connection (it does when idle)."""
+    _notifier.stop()
 
 
 def listen_for_work(

@@ -209,6 +209,7 @@ def upload_cancel(
             reason=reason,
         )
         raise TaskStateError(reason)
+    queue.announce_finished([task.pk])
     task.refresh_from_db()
     logger.info("task=%s cancelled", task.pk)
     return task
