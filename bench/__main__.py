@@ -5,7 +5,7 @@ token, the Go reference built when `go` is on PATH), runs the chosen benchmarks 
 each one's table and a closing summary of the targets (PASS/MISS with ours/reference ratios), and
 writes var/bench/<name>-<timestamp>.json per benchmark plus var/bench/latest.json for the run.
 Everything it started is stopped, and what it wrote (spool files, files in the container, the
-`bench` database) is removed at the end unless --keep.
+`bench_<run id>` database) is removed at the end unless --keep.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def prepare(ctx: Context, *, want_go: bool, needs_incus: bool) -> None:
             log(ctx.missing["postgres"])
             continue
         log(f"creating and migrating the {name} database")
-        db = make_database(name, ctx.workdir)
+        db = make_database(name, ctx.workdir, ctx.cfg.run_id)
         ctx.databases[name] = db
         ctx.tokens[name] = dbtool(db, ctx.workdir, "setup")["token"]
     if want_go:

@@ -27,7 +27,7 @@ RESULTS_DIR = ROOT / "var" / "bench"
 INCUS_SOCKET = "/var/lib/incus/unix.socket"
 CONTAINER = "uploadsvc-run"
 PG_ADMIN = ["-h", "127.0.0.1", "-p", "5432", "-U", "postgres"]
-PG_URL = "postgres://postgres@127.0.0.1:5432/bench"
+PG_URL = "postgres://postgres@127.0.0.1:5432/{name}"
 SECRET_KEY = "bench-only-secret-key-3f1c9a7e52b84d0f9e6a1c2b7d8e4f5a6b7c8d9e0f1a2b3c"  # noqa: S105
 KIB = 1024
 MIB = 1024 * KIB
@@ -250,6 +250,7 @@ class Database:
     name: str
     url: str
     sqlite_path: Path | None = None
+    pg_name: str | None = None
 
     def connect(self) -> Any:
         if self.sqlite_path is not None:
@@ -273,14 +274,26 @@ def postgres_available() -> str | None:
     return None if result.returncode == 0 else result.stdout.strip() or "not ready"
 
 
-def make_database(name: str, workdir: Path) -> Database:
+def create_pg_database(name: str) -> str:
+    """A new, empty PostgreSQL database; its URL."""
+    subprocess.run(["dropdb", *PG_ADMIN, "--if-exists", name], check=True, timeout=60)
+    subprocess.run(["createdb", *PG_ADMIN, name], check=True, timeout=60)
+    return PG_URL.format(name=name)
+
+
+def drop_pg_database(name: str) -> None:
+    subprocess.run(["dropdb", *PG_ADMIN, "--if-exists", "--force", name], check=False, timeout=60)
+
+
+def make_database(name: str, workdir: Path, run_id: str) -> Database:
+    """SQLite in the run's directory, or a PostgreSQL database named after the run, so that
+    runs started at the same time (in other worktrees) never drop each other's database."""
     if name == "sqlite":
         path = workdir / "bench.sqlite3"
         db = Database("sqlite", f"sqlite:///{path}", sqlite_path=path)
     elif name == "postgres":
-        subprocess.run(["dropdb", *PG_ADMIN, "--if-exists", "bench"], check=True, timeout=60)
-        subprocess.run(["createdb", *PG_ADMIN, "bench"], check=True, timeout=60)
-        db = Database("postgres", PG_URL)
+        pg_name = f"bench_{run_id}"
+        db = Database("postgres", create_pg_database(pg_name), pg_name=pg_name)
     else:
         raise ValueError(name)
     run_manage(db, workdir, ["migrate", "--noinput", "-v", "0"], timeout=300)
@@ -288,10 +301,8 @@ def make_database(name: str, workdir: Path) -> Database:
 
 
 def drop_database(db: Database) -> None:
-    if db.name == "postgres":
-        subprocess.run(
-            ["dropdb", *PG_ADMIN, "--if-exists", "--force", "bench"], check=False, timeout=60
-        )
+    if db.pg_name is not None:
+        drop_pg_database(db.pg_name)
 
 
 def service_env(db: Database, spool: Path, workdir: Path, **extra: str) -> dict[str, str]:
