@@ -9,6 +9,7 @@ when the client, not the server, set the pace.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import percentile
+from bench.common import log, percentile, process_cpu_s
 
 
 class ConnectionClosed(Exception):
@@ -311,3 +312,41 @@ def big_upload(port: int, head: bytes, source: Path) -> BigUpload:
         )
     finally:
         conn.close()
+
+
+def warm_up(
+    port: int,
+    token: str | None,
+    pids: Sequence[int],
+    *,
+    container: str,
+    directory: str,
+    clients: int,
+    size: int,
+) -> int:
+    """Uploads on new connections until every server process has served some: Django loads the
+    URLconf (and with it most of the app) on a process's first request, which would otherwise
+    count as RSS growth of the big upload. A process that served nothing has used no CPU.
+    Returns how many uploads were accepted."""
+    before = {pid: process_cpu_s(pid) for pid in pids}
+    body = os.urandom(size)
+    accepted = 0
+    for round_ in range(20):
+        requests = [
+            upload_request(
+                port=port,
+                token=token,
+                container=container,
+                path=f"{directory}/warm{round_}-{n:06d}",
+                body=body,
+            )
+            for n in range(64)
+        ]
+        warm = run_load(port, requests, concurrency=clients, fresh_connections=True)
+        accepted += warm.ok
+        if warm.ok != len(requests):
+            raise RuntimeError(f"warm-up uploads failed: {dict(warm.statuses)}")
+        if all(process_cpu_s(pid) - before[pid] >= 0.05 for pid in pids):
+            return accepted
+    log("warm-up: a server process served no request after 20 rounds")
+    return accepted

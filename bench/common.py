@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -517,6 +517,50 @@ def in_container(*command: str, timeout: float = 600) -> str:
     return incus("exec", CONTAINER, "--", *command, timeout=timeout).stdout
 
 
+def count_in_container(path: str, prefix: str) -> int:
+    out = in_container("sh", "-c", f"ls {path} | grep -c '^{prefix}' || true")
+    return int(out.strip() or 0)
+
+
+def size_in_container(path: str) -> int:
+    return int(in_container("stat", "-c", "%s", path).strip())
+
+
+# --- waiting for the queue ----------------------------------------------------------------
+
+
+def wait_until(
+    probe: Callable[[], bool], *, timeout: float, interval: float = 0.05, what: str = ""
+) -> float:
+    """Poll until probe() is true; the time.time() it first was. Raises after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if probe():
+            return time.time()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+class OursProbe:
+    """Counts of tasks by status, read straight from the database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.conn = db.connect()
+
+    def counts(self) -> dict[str, int]:
+        return self.db.status_counts(self.conn)
+
+    def done(self, total: int) -> bool:
+        counts = self.counts()
+        finished = counts.get("succeeded", 0) + counts.get("failed", 0)
+        return finished >= total
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 # --- files --------------------------------------------------------------------------------
 
 
@@ -646,6 +690,12 @@ class Context:
     @property
     def container_dir(self) -> str:
         return f"/tmp/uploadsvc-bench-{self.cfg.run_id}"
+
+    def prepare_container_dir(self, name: str) -> str:
+        """A directory under container_dir in the container, made now (pushes need the parent)."""
+        path = f"{self.container_dir}/{name}"
+        in_container("mkdir", "-p", path)
+        return path
 
     def big_file(self) -> Path:
         return make_big_file(self.workdir / "big.bin", self.cfg.big_size)

@@ -23,7 +23,7 @@ import functools
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,7 +35,9 @@ from bench.common import (
     Context,
     Database,
     Gunicorn,
+    OursProbe,
     PushWorkers,
+    count_in_container,
     dbtool,
     empty_dir,
     in_container,
@@ -45,7 +47,9 @@ from bench.common import (
     ratio_check,
     running,
     service_env,
+    size_in_container,
     table,
+    wait_until,
     write_result,
 )
 from bench.profiling import Profiler
@@ -56,53 +60,6 @@ START_LIMIT_MS = 50.0
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def _prepare_dir(ctx: Context, name: str) -> str:
-    path = f"{ctx.container_dir}/{name}"
-    in_container("mkdir", "-p", path)
-    return path
-
-
-def _count_in_container(path: str, prefix: str) -> int:
-    out = in_container("sh", "-c", f"ls {path} | grep -c '^{prefix}' || true")
-    return int(out.strip() or 0)
-
-
-def _size_in_container(path: str) -> int:
-    return int(in_container("stat", "-c", "%s", path).strip())
-
-
-def _wait_until(
-    probe: Callable[[], bool], *, timeout: float, interval: float = 0.05, what: str = ""
-) -> float:
-    """Poll until probe() is true; the time.time() it first was. Raises after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if probe():
-            return time.time()
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-class OursProbe:
-    """Counts of tasks by status, read straight from the database."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-        self.conn = db.connect()
-
-    def counts(self) -> dict[str, int]:
-        return self.db.status_counts(self.conn)
-
-    def done(self, total: int) -> bool:
-        counts = self.counts()
-        finished = counts.get("succeeded", 0) + counts.get("failed", 0)
-        return finished >= total
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 @contextmanager
@@ -176,13 +133,13 @@ def _small_requests(ctx: Context, port: int, token: str | None, directory: str) 
 def _small_ours(ctx: Context, db: Database) -> dict[str, Any]:
     log(f"e2e small files: uploadsvc on {db.name}")
     cfg = ctx.cfg
-    directory = _prepare_dir(ctx, f"{db.name}-small")
+    directory = ctx.prepare_container_dir(f"{db.name}-small")
     token = ctx.tokens[db.name]
     with _ours(ctx, db, "small") as (server, workers):
         probe = OursProbe(db)
         try:
             _one_upload(server.port, token, f"{directory}/warm", b"warm")
-            _wait_until(lambda: probe.done(1), timeout=60, what="the warm-up push")
+            wait_until(lambda: probe.done(1), timeout=60, what="the warm-up push")
             profiler = None
             if cfg.profile and db.name == "postgres":
                 profiler = Profiler(
@@ -192,7 +149,7 @@ def _small_ours(ctx: Context, db: Database) -> dict[str, Any]:
             load = run_load(
                 server.port, requests, concurrency=cfg.clients, timeout=cfg.load_timeout
             )
-            _wait_until(
+            wait_until(
                 lambda: probe.done(1 + load.ok),
                 timeout=cfg.load_timeout,
                 what=f"{load.ok} pushes",
@@ -204,7 +161,7 @@ def _small_ours(ctx: Context, db: Database) -> dict[str, Any]:
             probe.close()
     summary = dbtool(db, ctx.workdir, "summary")
     elapsed = summary["last_finished"] - load.started_wall
-    landed = _count_in_container(directory, "f-")
+    landed = count_in_container(directory, "f-")
     if summary["errors"]:
         log(f"e2e small files on {db.name}: errors {summary['errors']}")
     return {
@@ -220,18 +177,16 @@ def _small_ours(ctx: Context, db: Database) -> dict[str, Any]:
 def _small_go(ctx: Context) -> dict[str, Any]:
     log("e2e small files: Go reference")
     cfg = ctx.cfg
-    directory = _prepare_dir(ctx, "go-small")
+    directory = ctx.prepare_container_dir("go-small")
     with _go(ctx, "small") as server:
         _one_upload(server.port, None, f"{directory}/warm", b"warm")
-        _wait_until(lambda: _go_done(server, 1), timeout=60, what="the warm-up push")
+        wait_until(lambda: server.done(1), timeout=60, what="the warm-up push")
         requests = _small_requests(ctx, server.port, None, directory)
         load = run_load(server.port, requests, concurrency=cfg.clients, timeout=cfg.load_timeout)
-        _wait_until(
-            lambda: _go_done(server, 1 + load.ok), timeout=cfg.load_timeout, what="Go pushes"
-        )
+        wait_until(lambda: server.done(1 + load.ok), timeout=cfg.load_timeout, what="Go pushes")
         stats = server.stats()
     elapsed = stats["last_done_ns"] / 1e9 - load.started_wall
-    landed = _count_in_container(directory, "f-")
+    landed = count_in_container(directory, "f-")
     return {
         "uploads": load.summary(),
         "counts": {"succeeded": stats["pushed"], "failed": stats["failed"]},
@@ -241,17 +196,12 @@ def _small_go(ctx: Context) -> dict[str, Any]:
     }
 
 
-def _go_done(server: GoRef, total: int) -> bool:
-    stats = server.stats()
-    return int(stats["pushed"]) + int(stats["failed"]) >= total
-
-
 # --- one big file -------------------------------------------------------------------------
 
 
 def _big_ours(ctx: Context, db: Database) -> dict[str, Any]:
     log(f"e2e big file: uploadsvc on {db.name}")
-    directory = _prepare_dir(ctx, f"{db.name}-big")
+    directory = ctx.prepare_container_dir(f"{db.name}-big")
     source = ctx.big_file()
     target = f"{directory}/big.bin"
     with _ours(ctx, db, "big") as (server, _workers):
@@ -268,11 +218,11 @@ def _big_ours(ctx: Context, db: Database) -> dict[str, Any]:
             upload = big_upload(server.port, head, source)
             if upload.status != 202:
                 raise RuntimeError(f"big upload answered {upload.status}")
-            _wait_until(lambda: probe.done(1), timeout=600, interval=0.02, what="the big push")
+            wait_until(lambda: probe.done(1), timeout=600, interval=0.02, what="the big push")
         finally:
             probe.close()
     task = dbtool(db, ctx.workdir, "summary", "--tasks")["tasks"][0]
-    size = _size_in_container(target)
+    size = size_in_container(target)
     in_container("rm", "-f", target)
     return {
         "status": task["status"],
@@ -287,7 +237,7 @@ def _big_ours(ctx: Context, db: Database) -> dict[str, Any]:
 
 def _big_go(ctx: Context) -> dict[str, Any]:
     log("e2e big file: Go reference")
-    directory = _prepare_dir(ctx, "go-big")
+    directory = ctx.prepare_container_dir("go-big")
     source = ctx.big_file()
     target = f"{directory}/big.bin"
     with _go(ctx, "big") as server:
@@ -302,9 +252,9 @@ def _big_go(ctx: Context) -> dict[str, Any]:
         upload = big_upload(server.port, head, source)
         if upload.status != 202:
             raise RuntimeError(f"big upload answered {upload.status}")
-        _wait_until(lambda: _go_done(server, 1), timeout=600, interval=0.02, what="Go's push")
+        wait_until(lambda: server.done(1), timeout=600, interval=0.02, what="Go's push")
         stats = server.stats()
-    size = _size_in_container(target)
+    size = size_in_container(target)
     in_container("rm", "-f", target)
     done = stats["last_done_ns"] / 1e9
     wait = stats["wait_p50_ms"] / 1000
@@ -323,14 +273,14 @@ def _big_cli(ctx: Context, tag: str) -> dict[str, Any]:
     """`incus file push` of the same file, right after a variant's own push (pairs them up:
     the container's filesystem is in the same state for both)."""
     log("e2e big file: incus file push")
-    directory = _prepare_dir(ctx, f"cli-big-{tag}")
+    directory = ctx.prepare_container_dir(f"cli-big-{tag}")
     source = ctx.big_file()
     target = f"{directory}/big.bin"
     os.sync()
     began = time.perf_counter()
     incus("file", "push", str(source), f"{CONTAINER}{target}")
     seconds = time.perf_counter() - began
-    size = _size_in_container(target)
+    size = size_in_container(target)
     in_container("rm", "-f", target)
     return {"bytes": source.stat().st_size, "landed_size": size, "push_s": seconds}
 
@@ -345,7 +295,7 @@ def _gaps(ctx: Context) -> list[float]:
 
 def _idle_ours(ctx: Context, db: Database) -> dict[str, Any]:
     log(f"e2e idle latency: uploadsvc on {db.name}")
-    directory = _prepare_dir(ctx, f"{db.name}-idle")
+    directory = ctx.prepare_container_dir(f"{db.name}-idle")
     answered: dict[str, float] = {}
     with _ours(ctx, db, "idle") as (server, _workers):
         probe = OursProbe(db)
@@ -356,7 +306,7 @@ def _idle_ours(ctx: Context, db: Database) -> dict[str, Any]:
                     server.port, ctx.tokens[db.name], f"{directory}/i-{n:04d}", b"x" * 1024
                 )
                 answered[str(data["id"])] = at
-                _wait_until(
+                wait_until(
                     functools.partial(probe.done, n + 1),
                     timeout=60,
                     interval=0.005,
@@ -384,13 +334,13 @@ def _idle_ours(ctx: Context, db: Database) -> dict[str, Any]:
 
 def _idle_go(ctx: Context) -> dict[str, Any]:
     log("e2e idle latency: Go reference")
-    directory = _prepare_dir(ctx, "go-idle")
+    directory = ctx.prepare_container_dir("go-idle")
     lands: list[float] = []
     with _go(ctx, "idle") as server:
         for n, gap in enumerate(_gaps(ctx)):
             at, _ = _one_upload(server.port, None, f"{directory}/i-{n:04d}", b"x" * 1024)
-            _wait_until(
-                functools.partial(_go_done, server, n + 1),
+            wait_until(
+                functools.partial(server.done, n + 1),
                 timeout=60,
                 interval=0.005,
                 what="an idle push",

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bench.client import LoadResult, big_upload, run_load, upload_request
+from bench.client import LoadResult, big_upload, run_load, upload_request, warm_up
 from bench.common import (
     CONTAINER,
     MIB,
@@ -27,7 +27,6 @@ from bench.common import (
     dbtool,
     empty_dir,
     log,
-    process_cpu_s,
     ratio_check,
     running,
     service_env,
@@ -64,21 +63,6 @@ def _clear(spool: Path) -> None:
             entry.unlink()
 
 
-def _warm_up(ctx: Context, port: int, token: str | None, pids: list[int]) -> None:
-    """Uploads on new connections until every server process has served some: Django loads the
-    URLconf (and with it most of the app) on a process's first request, which would otherwise
-    count as RSS growth of the big upload. A process that served nothing has used no CPU."""
-    before = {pid: process_cpu_s(pid) for pid in pids}
-    for round_ in range(20):
-        requests = _small_requests(ctx, port, token, f"warm{round_}", 64)
-        warm = run_load(port, requests, concurrency=ctx.cfg.clients, fresh_connections=True)
-        if warm.ok != len(requests):
-            raise RuntimeError(f"warm-up uploads failed: {dict(warm.statuses)}")
-        if all(process_cpu_s(pid) - before[pid] >= 0.05 for pid in pids):
-            return
-    log("warm-up: a server process served no request after 20 rounds")
-
-
 def _measure(
     ctx: Context,
     *,
@@ -89,7 +73,15 @@ def _measure(
     profile: tuple[int, str] | None = None,
 ) -> dict[str, Any]:
     cfg = ctx.cfg
-    _warm_up(ctx, port, token, pids)
+    warm_up(
+        port,
+        token,
+        pids,
+        container=CONTAINER,
+        directory=f"{ctx.container_dir}/ingest",
+        clients=cfg.clients,
+        size=cfg.small_size,
+    )
 
     source = ctx.big_file()
     head = upload_request(
