@@ -43,11 +43,14 @@ from bench.profiling import py_spy
 
 BENCHMARKS = {
     "ingest": "bench.ingest",
+    "small": "bench.small",
     "e2e": "bench.e2e",
     "queue": "bench.queuebench",
     "push_speed": "bench.push_speed_runner",
 }
 NEEDS_INCUS = {"e2e", "push_speed"}
+# Runs without Incus, but one of its variants pushes into the container.
+USES_INCUS = {"small"}
 
 
 def positive_int(value: str) -> int:
@@ -91,6 +94,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="tasks per queue run (10,000; 1,000 with --quick)",
     )
+    parser.add_argument(
+        "--wrk-seconds",
+        type=float,
+        default=None,
+        help="length of each wrk run of the small-upload benchmarks (10; 3 with --quick)",
+    )
     parser.add_argument("--no-go", action="store_true", help="skip the Go reference")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
@@ -102,7 +111,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def prepare(ctx: Context, *, want_go: bool, needs_incus: bool) -> None:
+def prepare(ctx: Context, *, want_go: bool, no_go: bool, needs_incus: bool) -> None:
     for name in ctx.cfg.databases:
         if name == "postgres" and (problem := postgres_available()):
             ctx.missing["postgres"] = f"PostgreSQL not reachable: {problem}"
@@ -112,7 +121,9 @@ def prepare(ctx: Context, *, want_go: bool, needs_incus: bool) -> None:
         db = make_database(name, ctx.workdir, ctx.cfg.run_id)
         ctx.databases[name] = db
         ctx.tokens[name] = dbtool(db, ctx.workdir, "setup")["token"]
-    if want_go:
+    if want_go and no_go:
+        ctx.missing["go"] = "Go reference skipped (--no-go)"
+    elif want_go:
         binary, detail = reference.build(ctx.workdir)
         if binary is None:
             ctx.missing["go"] = f"Go reference missing: {detail}"
@@ -120,8 +131,6 @@ def prepare(ctx: Context, *, want_go: bool, needs_incus: bool) -> None:
         else:
             ctx.go_binary, ctx.go_version = binary, detail
             log(f"Go reference built with {detail}")
-    else:
-        ctx.missing["go"] = "Go reference skipped (--no-go)"
     if needs_incus and (problem := incus_problem()):
         ctx.missing["incus"] = problem
         log(f"Incus not usable: {problem}")
@@ -191,6 +200,7 @@ def main(argv: list[str]) -> int:
         clients=args.clients,
         keep=args.keep,
         **({"queue_tasks": args.queue_tasks} if args.queue_tasks else {}),
+        **({"wrk_seconds": args.wrk_seconds} if args.wrk_seconds else {}),
     )
     stamp = now_stamp()
     workdir = Path(tempfile.mkdtemp(prefix="uploadsvc-bench-"))
@@ -201,8 +211,9 @@ def main(argv: list[str]) -> int:
     try:
         prepare(
             ctx,
-            want_go=not args.no_go and bool({"ingest", "e2e"} & set(names)),
-            needs_incus=bool(NEEDS_INCUS & set(names)),
+            want_go=bool({"ingest", "small", "e2e"} & set(names)),
+            no_go=args.no_go,
+            needs_incus=bool((NEEDS_INCUS | USES_INCUS) & set(names)),
         )
         for name in names:
             if name in NEEDS_INCUS and "incus" in ctx.missing:

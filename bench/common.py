@@ -48,6 +48,8 @@ class Config:
     big_size: int = GIB
     small_count: int = 10_000
     small_size: int = KIB
+    wrk_seconds: float = 10.0
+    wrk_threads: int = 2
     e2e_count: int = 2_000
     idle_count: int = 20
     queue_tasks: int = 10_000
@@ -66,6 +68,7 @@ class Config:
             sizes = {
                 "big_size": 64 * MIB,
                 "small_count": 1_000,
+                "wrk_seconds": 3.0,
                 "e2e_count": 200,
                 "idle_count": 5,
                 "queue_tasks": 1_000,
