@@ -46,7 +46,6 @@ class Config:
     push_threads: int = 4
     clients: int = 16
     big_size: int = GIB
-    small_count: int = 10_000
     small_size: int = KIB
     wrk_seconds: float = 10.0
     wrk_threads: int = 2
@@ -67,7 +66,6 @@ class Config:
         if quick:
             sizes = {
                 "big_size": 64 * MIB,
-                "small_count": 1_000,
                 "wrk_seconds": 3.0,
                 "e2e_count": 200,
                 "idle_count": 5,
