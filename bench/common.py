@@ -49,7 +49,7 @@ class Config:
     small_size: int = KIB
     wrk_seconds: float = 10.0
     wrk_threads: int = 2
-    e2e_count: int = 2_000
+    e2e_seconds: float = 10.0
     idle_count: int = 20
     queue_tasks: int = 10_000
     queue_procs: tuple[int, ...] = (1, 2, 4)
@@ -67,7 +67,7 @@ class Config:
             sizes = {
                 "big_size": 64 * MIB,
                 "wrk_seconds": 3.0,
-                "e2e_count": 200,
+                "e2e_seconds": 3.0,
                 "idle_count": 5,
                 "queue_tasks": 1_000,
                 "queue_timeout": 30.0,
@@ -543,6 +543,20 @@ def wait_until(
         time.sleep(interval)
 
 
+def settled(read: Callable[[], int], *, quiet: float = 1.0, timeout: float = 60.0) -> int:
+    """read() once it has not changed for `quiet` seconds. After a load generator stops, the
+    server still finishes the requests it was in the middle of (their bodies had arrived)."""
+    value = read()
+    changed = time.monotonic()
+    deadline = changed + timeout
+    while time.monotonic() - changed < quiet and time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = read()
+        if now != value:
+            value, changed = now, time.monotonic()
+    return value
+
+
 class OursProbe:
     """Counts of tasks by status, read straight from the database."""
 
@@ -552,6 +566,9 @@ class OursProbe:
 
     def counts(self) -> dict[str, int]:
         return self.db.status_counts(self.conn)
+
+    def total(self) -> int:
+        return sum(self.counts().values())
 
     def done(self, total: int) -> bool:
         counts = self.counts()

@@ -3,9 +3,10 @@
 Per database, with gunicorn and `run_push_workers` (the Incus pusher, --push-threads threads), and
 for the Go reference (its goroutines POST to the Incus files endpoint):
 
-- small: M × 1 KiB from 16 clients; files landed per second, from the first request sent to the
-  last push finished (the task's finished_at, or the reference's last push), checked by counting
-  the files in the container;
+- small: `wrk -t2 -c16 -d10s` (3 s with --quick) of 1 KiB uploads (bench/wrk_upload.lua), then
+  a wait until every upload the server accepted was pushed; files landed per second = the files
+  found in the container over the time from wrk's start to the last push finished (the task's
+  finished_at, or the reference's last push);
 - big: one 1 GiB upload (64 MiB with --quick), upload-to-landed time, split into upload, wait and
   push; `incus file push` of the same file is the yardstick for the push;
 - idle: uploads one at a time with random gaps; 202 → push start (UploadTask.started_at, the
@@ -13,8 +14,8 @@ for the Go reference (its goroutines POST to the Incus files endpoint):
   only). The first can be negative: the wake-up is sent on commit, before the 202 is written.
   PostgreSQL workers are woken by LISTEN/NOTIFY, SQLite workers by the wake-up pipe.
 
-Every phase starts fresh processes on an emptied queue; the files are removed from the container
-afterwards.
+Every phase starts fresh processes on an emptied queue and runs uploadsvc (per database) and the
+reference back to back; the files are removed from the container afterwards.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from bench.client import Connection, big_upload, run_load, upload_request
+from bench.client import Connection, big_upload, upload_request
 from bench.common import (
     CONTAINER,
     MIB,
@@ -47,6 +48,7 @@ from bench.common import (
     ratio_check,
     running,
     service_env,
+    settled,
     size_in_container,
     table,
     wait_until,
@@ -55,8 +57,11 @@ from bench.common import (
 from bench.profiling import Profiler
 from bench.profiling import record as record_profile
 from bench.reference import GoRef
+from bench.wrk import WrkResult, run_wrk
 
 START_LIMIT_MS = 50.0
+# wrk_upload.lua names its files w<thread>-<n>.
+WRK_PREFIX = "w[0-9]"
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -120,14 +125,36 @@ def _one_upload(port: int, token: str | None, path: str, body: bytes) -> tuple[f
 # --- small files ---------------------------------------------------------------------------
 
 
-def _small_requests(ctx: Context, port: int, token: str | None, directory: str) -> list[bytes]:
-    body = os.urandom(ctx.cfg.small_size)
-    return [
-        upload_request(
-            port=port, token=token, container=CONTAINER, path=f"{directory}/f-{n:06d}", body=body
-        )
-        for n in range(ctx.cfg.e2e_count)
-    ]
+def _small_load(ctx: Context, port: int, token: str | None, directory: str) -> WrkResult:
+    cfg = ctx.cfg
+    return run_wrk(
+        port,
+        seconds=cfg.e2e_seconds,
+        directory=directory,
+        container=CONTAINER,
+        token=token,
+        size=cfg.small_size,
+        threads=cfg.wrk_threads,
+        connections=cfg.clients,
+    )
+
+
+def _landed(
+    load: WrkResult, directory: str, *, taken: int, last_done: float | None, cut_off: bool
+) -> dict[str, Any]:
+    """Files landed per second: the uploads found in the container over the time from wrk's
+    start to the last push finished. `taken`: uploads the server accepted (wrk does not count
+    the answers still in flight when it stops; the server may have taken those too)."""
+    landed = count_in_container(directory, WRK_PREFIX)
+    elapsed = last_done - load.started_wall if last_done else None
+    return {
+        "uploads": load.summary(),
+        "server_accepted": taken,
+        "landed_in_container": landed,
+        "cut_off": cut_off,
+        "seconds": elapsed,
+        "landed_per_s": landed / elapsed if elapsed else None,
+    }
 
 
 def _small_ours(ctx: Context, db: Database) -> dict[str, Any]:
@@ -135,6 +162,7 @@ def _small_ours(ctx: Context, db: Database) -> dict[str, Any]:
     cfg = ctx.cfg
     directory = ctx.prepare_container_dir(f"{db.name}-small")
     token = ctx.tokens[db.name]
+    cut_off = False
     with _ours(ctx, db, "small") as (server, workers):
         probe = OursProbe(db)
         try:
@@ -145,32 +173,29 @@ def _small_ours(ctx: Context, db: Database) -> dict[str, Any]:
                 profiler = Profiler(
                     workers.pids()[0], ctx.profile_path(f"e2e-workers-{db.name}")
                 ).start()
-            requests = _small_requests(ctx, server.port, token, directory)
-            load = run_load(
-                server.port, requests, concurrency=cfg.clients, timeout=cfg.load_timeout
-            )
-            wait_until(
-                lambda: probe.done(1 + load.ok),
-                timeout=cfg.load_timeout,
-                what=f"{load.ok} pushes",
-            )
+            load = _small_load(ctx, server.port, token, directory)
+            total = settled(probe.total)
+            try:
+                wait_until(
+                    lambda: probe.done(total), timeout=cfg.load_timeout, what=f"{total} pushes"
+                )
+            except RuntimeError as exc:
+                log(f"e2e small files on {db.name}: {exc}")
+                cut_off = True
             if profiler is not None:
                 record_profile(ctx.profiles, profiler, f"e2e push workers ({db.name})")
             counts = probe.counts()
         finally:
             probe.close()
     summary = dbtool(db, ctx.workdir, "summary")
-    elapsed = summary["last_finished"] - load.started_wall
-    landed = count_in_container(directory, "f-")
     if summary["errors"]:
         log(f"e2e small files on {db.name}: errors {summary['errors']}")
     return {
-        "uploads": load.summary(),
+        **_landed(
+            load, directory, taken=total - 1, last_done=summary["last_finished"], cut_off=cut_off
+        ),
         "counts": counts,
         "errors": summary["errors"],
-        "landed_in_container": landed,
-        "seconds": elapsed,
-        "landed_per_s": load.ok / elapsed if elapsed > 0 else None,
     }
 
 
@@ -178,22 +203,39 @@ def _small_go(ctx: Context) -> dict[str, Any]:
     log("e2e small files: Go reference")
     cfg = ctx.cfg
     directory = ctx.prepare_container_dir("go-small")
+    cut_off = False
     with _go(ctx, "small") as server:
         _one_upload(server.port, None, f"{directory}/warm", b"warm")
         wait_until(lambda: server.done(1), timeout=60, what="the warm-up push")
-        requests = _small_requests(ctx, server.port, None, directory)
-        load = run_load(server.port, requests, concurrency=cfg.clients, timeout=cfg.load_timeout)
-        wait_until(lambda: server.done(1 + load.ok), timeout=cfg.load_timeout, what="Go pushes")
+        load = _small_load(ctx, server.port, None, directory)
+        total = settled(lambda: int(server.stats()["accepted"]))
+        try:
+            wait_until(lambda: server.done(total), timeout=cfg.load_timeout, what="Go pushes")
+        except RuntimeError as exc:
+            log(f"e2e small files, Go reference: {exc}")
+            cut_off = True
         stats = server.stats()
-    elapsed = stats["last_done_ns"] / 1e9 - load.started_wall
-    landed = count_in_container(directory, "f-")
+    last_done = stats["last_done_ns"] / 1e9 if stats["last_done_ns"] else None
     return {
-        "uploads": load.summary(),
+        **_landed(load, directory, taken=total - 1, last_done=last_done, cut_off=cut_off),
         "counts": {"succeeded": stats["pushed"], "failed": stats["failed"]},
-        "landed_in_container": landed,
-        "seconds": elapsed,
-        "landed_per_s": load.ok / elapsed if elapsed > 0 else None,
     }
+
+
+def _small_problems(who: str, r: dict[str, Any]) -> list[str]:
+    """What a reader of the landed/s figure must know: cut off, missing files, not-202s."""
+    problems = []
+    if r["cut_off"]:
+        problems.append(f"{who}: cut off before every push finished")
+    if r["landed_in_container"] != r["server_accepted"]:
+        problems.append(
+            f"{who}: {r['landed_in_container']} files in the container of "
+            f"{r['server_accepted']} accepted"
+        )
+    other = {k: n for k, n in r["uploads"]["statuses"].items() if k != "202"}
+    if other or r["uploads"]["socket_errors"]:
+        problems.append(f"{who}: not 202: {other} {r['uploads']['socket_errors']}")
+    return problems
 
 
 # --- one big file -------------------------------------------------------------------------
@@ -364,39 +406,58 @@ def _idle_go(ctx: Context) -> dict[str, Any]:
 
 def run(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
-    results: dict[str, dict[str, Any]] = {}
-    for name, db in ctx.databases.items():
-        results[name] = {
-            "small": _small_ours(ctx, db),
-            "big": _big_ours(ctx, db),
-            "cli": _big_cli(ctx, name),
-            "idle": _idle_ours(ctx, db),
-        }
+    # Phase by phase, so that uploadsvc and the reference run each one back to back.
+    results: dict[str, dict[str, Any]] = {name: {} for name in ctx.databases}
     if ctx.go_binary is not None:
-        results["go"] = {
-            "small": _small_go(ctx),
-            "big": _big_go(ctx),
-            "cli": _big_cli(ctx, "go"),
-            "idle": _idle_go(ctx),
-        }
+        results["go"] = {}
+    for name, db in ctx.databases.items():
+        results[name]["small"] = _small_ours(ctx, db)
+    if "go" in results:
+        results["go"]["small"] = _small_go(ctx)
+    for name, db in ctx.databases.items():
+        results[name]["big"] = _big_ours(ctx, db)
+        results[name]["cli"] = _big_cli(ctx, name)
+    if "go" in results:
+        results["go"]["big"] = _big_go(ctx)
+        results["go"]["cli"] = _big_cli(ctx, "go")
+    for name, db in ctx.databases.items():
+        results[name]["idle"] = _idle_ours(ctx, db)
+    if "go" in results:
+        results["go"]["idle"] = _idle_go(ctx)
 
     def label(variant: str) -> str:
         return "Go reference" if variant == "go" else f"uploadsvc/{variant}"
 
     print(
         table(
-            f"end to end: {cfg.e2e_count:,} × {cfg.small_size} B from {cfg.clients} clients "
-            f"into {CONTAINER} ({cfg.push_threads} push threads)",
-            ["server", "landed/s", "seconds", "accepted/s", "202 p50 ms", "202 p99 ms", "in ctr"],
+            f"end to end: wrk -t{cfg.wrk_threads} -c{cfg.clients} -d{cfg.e2e_seconds:g}s of "
+            f"{cfg.small_size} B uploads into {CONTAINER} ({cfg.push_threads} push threads), "
+            "then until the last one landed",
+            [
+                "server",
+                "landed/s",
+                "seconds",
+                "server accepted",
+                "in container",
+                "accepted/s",
+                "p50 ms",
+                "p99 ms",
+                "not 202",
+                "cut off",
+            ],
             [
                 [
                     label(v),
                     r["small"]["landed_per_s"],
                     r["small"]["seconds"],
+                    r["small"]["server_accepted"],
+                    r["small"]["landed_in_container"],
                     r["small"]["uploads"]["rate_per_s"],
                     r["small"]["uploads"]["p50_ms"],
                     r["small"]["uploads"]["p99_ms"],
-                    r["small"]["landed_in_container"],
+                    sum(n for k, n in r["small"]["uploads"]["statuses"].items() if k != "202")
+                    + sum(r["small"]["uploads"]["socket_errors"].values()),
+                    r["small"]["cut_off"],
                 ]
                 for v, r in results.items()
             ],
@@ -476,7 +537,12 @@ def run(ctx: Context) -> dict[str, Any]:
                 go["small"]["landed_per_s"] if go else None,
                 unit="files/s",
                 at_least=1.0,
-                note=missing,
+                note="; ".join(
+                    p
+                    for p in _small_problems("ours", ours["small"])
+                    + (_small_problems("Go", go["small"]) if go else [missing])
+                    if p
+                ),
             )
         )
         ctx.checks.append(

@@ -37,6 +37,7 @@ from bench.common import (
     ratio_check,
     running,
     service_env,
+    settled,
     table,
     wait_until,
     write_result,
@@ -144,6 +145,7 @@ def _ours(ctx: Context, db: Database, variant: str) -> dict[str, Any]:
             after = probe.counts()
             for title, profiler in profilers:
                 record_profile(ctx.profiles, profiler, title)
+            taken = settled(probe.total) - sum(before.values())
         finally:
             probe.close()
     empty_dir(spool)
@@ -152,7 +154,7 @@ def _ours(ctx: Context, db: Database, variant: str) -> dict[str, Any]:
         "load": load.summary(),
         "clean": load.clean,
         "problems": load.problems(),
-        "server_accepted": sum(after.values()) - sum(before.values()),
+        "server_accepted": taken,
         "pushed_per_s": pushed / load.seconds if variant == "running" else None,
         "waiting_after": after.get("pending", 0) + after.get("running", 0),
         "failed": after.get("failed", 0),
@@ -195,6 +197,7 @@ def _go(ctx: Context, variant: str) -> dict[str, Any]:
         with CpuMeter([server.pid()]) as cpu:
             load = _wrk(ctx, server.port, None, directory)
         after = server.stats()
+        taken = settled(lambda: int(server.stats()["accepted"])) - int(before["accepted"])
     finally:
         server.stop()
     empty_dir(spool)
@@ -203,7 +206,7 @@ def _go(ctx: Context, variant: str) -> dict[str, Any]:
         "load": load.summary(),
         "clean": load.clean,
         "problems": load.problems(),
-        "server_accepted": int(after["accepted"]) - int(before["accepted"]),
+        "server_accepted": taken,
         "pushed_per_s": pushed / load.seconds if variant == "running" else None,
         "waiting_after": int(after["queued"]) if variant == "running" else None,
         "failed": int(after["failed"]),
