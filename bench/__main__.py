@@ -85,7 +85,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--push-threads",
         type=positive_int,
         default=4,
-        help="run_push_workers threads and Go push goroutines in end-to-end runs (4)",
+        help="run_push_workers threads and Go push goroutines when they push (4)",
     )
     parser.add_argument("--clients", type=positive_int, default=16, help="concurrent clients (16)")
     parser.add_argument(
@@ -98,7 +98,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--wrk-seconds",
         type=float,
         default=None,
-        help="length of each wrk run of the small-upload benchmarks (10; 3 with --quick)",
+        help="length of each wrk run (small, e2e): 10 s; 3 s with --quick",
     )
     parser.add_argument("--no-go", action="store_true", help="skip the Go reference")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")

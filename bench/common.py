@@ -49,7 +49,6 @@ class Config:
     small_size: int = KIB
     wrk_seconds: float = 10.0
     wrk_threads: int = 2
-    e2e_seconds: float = 10.0
     idle_count: int = 20
     queue_tasks: int = 10_000
     queue_procs: tuple[int, ...] = (1, 2, 4)
@@ -67,7 +66,6 @@ class Config:
             sizes = {
                 "big_size": 64 * MIB,
                 "wrk_seconds": 3.0,
-                "e2e_seconds": 3.0,
                 "idle_count": 5,
                 "queue_tasks": 1_000,
                 "queue_timeout": 30.0,

@@ -129,7 +129,7 @@ def _small_load(ctx: Context, port: int, token: str | None, directory: str) -> W
     cfg = ctx.cfg
     return run_wrk(
         port,
-        seconds=cfg.e2e_seconds,
+        seconds=cfg.wrk_seconds,
         directory=directory,
         container=CONTAINER,
         token=token,
@@ -430,7 +430,7 @@ def run(ctx: Context) -> dict[str, Any]:
 
     print(
         table(
-            f"end to end: wrk -t{cfg.wrk_threads} -c{cfg.clients} -d{cfg.e2e_seconds:g}s of "
+            f"end to end: wrk -t{cfg.wrk_threads} -c{cfg.clients} -d{cfg.wrk_seconds:g}s of "
             f"{cfg.small_size} B uploads into {CONTAINER} ({cfg.push_threads} push threads), "
             "then until the last one landed",
             [
