@@ -92,7 +92,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--queue-tasks",
         type=positive_int,
         default=None,
-        help="tasks per queue run (10,000; 1,000 with --quick)",
+        help="tasks per queue run (10,000; 500 with --quick)",
     )
     parser.add_argument(
         "--wrk-seconds",

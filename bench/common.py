@@ -67,7 +67,7 @@ class Config:
                 "big_size": 64 * MIB,
                 "wrk_seconds": 3.0,
                 "idle_count": 5,
-                "queue_tasks": 1_000,
+                "queue_tasks": 500,
                 "queue_timeout": 30.0,
                 "load_timeout": 40.0,
             }
