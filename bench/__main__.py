@@ -41,11 +41,12 @@ from bench.common import (
 )
 from bench.profiling import py_spy
 
+# In the order of the performance targets they check.
 BENCHMARKS = {
-    "ingest": "bench.ingest",
     "small": "bench.small",
     "e2e": "bench.e2e",
     "queue": "bench.queuebench",
+    "ingest": "bench.ingest",
     "push_speed": "bench.push_speed_runner",
 }
 NEEDS_INCUS = {"e2e", "push_speed"}
@@ -177,6 +178,7 @@ def print_summary(ctx: Context) -> None:
                 "targets",
                 ["target", "variant", "ours", "reference", "ours/ref", "result", "note"],
                 rows,
+                left=(0, 1, 6),
             )
         )
     for what, why in ctx.missing.items():

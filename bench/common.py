@@ -616,7 +616,14 @@ def fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
-def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def table(
+    title: str,
+    headers: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    left: Sequence[int] = (0,),
+) -> str:
+    """A plain-text table; numbers right-aligned, the `left` columns (text) left-aligned."""
     cells = [[fmt(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     line = "  ".join("-" * w for w in widths)
@@ -625,9 +632,9 @@ def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> 
     for row in cells:
         out.append(
             "  ".join(
-                c.rjust(w) if i else c.ljust(w)
+                c.ljust(w) if i in left else c.rjust(w)
                 for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
+            ).rstrip()
         )
     return "\n".join(out)
 
