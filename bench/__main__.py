@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -93,7 +94,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--queue-tasks",
         type=positive_int,
         default=None,
-        help="tasks per queue run (10,000; 500 with --quick)",
+        help="tasks per queue run (5,000; 500 with --quick)",
     )
     parser.add_argument(
         "--wrk-seconds",
@@ -222,6 +223,7 @@ def main(argv: list[str]) -> int:
                 outcomes[name] = {"skipped": ctx.missing["incus"]}
                 continue
             started = time.monotonic()
+            load_before = os.getloadavg()[0]
             module = importlib.import_module(BENCHMARKS[name])
             try:
                 outcomes[name] = module.run(ctx)
@@ -230,7 +232,13 @@ def main(argv: list[str]) -> int:
                 outcomes[name] = {"error": f"{type(exc).__name__}: {exc}"}
                 if not isinstance(exc, (RuntimeError, OSError, subprocess.SubprocessError)):
                     raise
-            log(f"{name} took {time.monotonic() - started:.0f}s")
+            # Other work on the machine moves every figure: say how busy it was.
+            load_after = os.getloadavg()[0]
+            outcomes[name]["load_average"] = {"start": load_before, "end": load_after}
+            log(
+                f"{name} took {time.monotonic() - started:.0f}s (1-minute load average "
+                f"{load_before:.1f} → {load_after:.1f} on {os.cpu_count()} CPUs)"
+            )
     finally:
         cleanup(ctx)
     print_summary(ctx)

@@ -50,7 +50,7 @@ class Config:
     wrk_seconds: float = 10.0
     wrk_threads: int = 2
     idle_count: int = 20
-    queue_tasks: int = 10_000
+    queue_tasks: int = 5_000
     queue_procs: tuple[int, ...] = (1, 2, 4)
     queue_threads: int = 8
     queue_timeout: float = 150.0

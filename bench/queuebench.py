@@ -3,7 +3,7 @@ uploadsvc side by side with Celery + Redis and django-tasks-db at the same proce
 
 For each process count P (1, 2, 4), back to back:
 
-- uploadsvc: N pending tasks (10,000 by default or --queue-tasks; 500 with --quick), each with
+- uploadsvc: N pending tasks (5,000 by default or --queue-tasks; 500 with --quick), each with
   its own 1 KiB spool file (a success deletes it), written with the ORM; then P
   `run_push_workers --burst --threads 8` processes with UPLOADS_PUSHER=uploads.pushers.NullPusher
   run until nothing is ready. Claims, leases, claim tokens, the grant re-check and the attempt
