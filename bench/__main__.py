@@ -5,7 +5,7 @@ token, the Go reference built when `go` is on PATH), runs the chosen benchmarks 
 each one's table and a closing summary of the targets (PASS/MISS with ours/reference ratios), and
 writes var/bench/<name>-<timestamp>.json per benchmark plus var/bench/latest.json for the run.
 Everything it started is stopped, and what it wrote (spool files, files in the container, the
-`bench` database) is removed at the end unless --keep.
+`bench_<run id>` database) is removed at the end unless --keep.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -41,13 +42,17 @@ from bench.common import (
 )
 from bench.profiling import py_spy
 
+# In the order of the performance targets they check.
 BENCHMARKS = {
-    "ingest": "bench.ingest",
+    "small": "bench.small",
     "e2e": "bench.e2e",
     "queue": "bench.queuebench",
+    "ingest": "bench.ingest",
     "push_speed": "bench.push_speed_runner",
 }
 NEEDS_INCUS = {"e2e", "push_speed"}
+# Runs without Incus, but one of its variants pushes into the container.
+USES_INCUS = {"small"}
 
 
 def positive_int(value: str) -> int:
@@ -82,14 +87,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--push-threads",
         type=positive_int,
         default=4,
-        help="run_push_workers threads and Go push goroutines in end-to-end runs (4)",
+        help="run_push_workers threads and Go push goroutines when they push (4)",
     )
     parser.add_argument("--clients", type=positive_int, default=16, help="concurrent clients (16)")
     parser.add_argument(
         "--queue-tasks",
         type=positive_int,
         default=None,
-        help="tasks per queue run (10,000; 1,000 with --quick)",
+        help="tasks per queue run (5,000; 500 with --quick)",
+    )
+    parser.add_argument(
+        "--wrk-seconds",
+        type=float,
+        default=None,
+        help="length of each wrk run (small, e2e): 10 s; 3 s with --quick",
     )
     parser.add_argument("--no-go", action="store_true", help="skip the Go reference")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -102,17 +113,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def prepare(ctx: Context, *, want_go: bool, needs_incus: bool) -> None:
+def prepare(ctx: Context, *, want_go: bool, no_go: bool, needs_incus: bool) -> None:
     for name in ctx.cfg.databases:
         if name == "postgres" and (problem := postgres_available()):
             ctx.missing["postgres"] = f"PostgreSQL not reachable: {problem}"
             log(ctx.missing["postgres"])
             continue
         log(f"creating and migrating the {name} database")
-        db = make_database(name, ctx.workdir)
+        db = make_database(name, ctx.workdir, ctx.cfg.run_id)
         ctx.databases[name] = db
         ctx.tokens[name] = dbtool(db, ctx.workdir, "setup")["token"]
-    if want_go:
+    if want_go and no_go:
+        ctx.missing["go"] = "Go reference skipped (--no-go)"
+    elif want_go:
         binary, detail = reference.build(ctx.workdir)
         if binary is None:
             ctx.missing["go"] = f"Go reference missing: {detail}"
@@ -120,8 +133,6 @@ def prepare(ctx: Context, *, want_go: bool, needs_incus: bool) -> None:
         else:
             ctx.go_binary, ctx.go_version = binary, detail
             log(f"Go reference built with {detail}")
-    else:
-        ctx.missing["go"] = "Go reference skipped (--no-go)"
     if needs_incus and (problem := incus_problem()):
         ctx.missing["incus"] = problem
         log(f"Incus not usable: {problem}")
@@ -168,6 +179,7 @@ def print_summary(ctx: Context) -> None:
                 "targets",
                 ["target", "variant", "ours", "reference", "ours/ref", "result", "note"],
                 rows,
+                left=(0, 1, 6),
             )
         )
     for what, why in ctx.missing.items():
@@ -191,6 +203,7 @@ def main(argv: list[str]) -> int:
         clients=args.clients,
         keep=args.keep,
         **({"queue_tasks": args.queue_tasks} if args.queue_tasks else {}),
+        **({"wrk_seconds": args.wrk_seconds} if args.wrk_seconds else {}),
     )
     stamp = now_stamp()
     workdir = Path(tempfile.mkdtemp(prefix="uploadsvc-bench-"))
@@ -201,14 +214,16 @@ def main(argv: list[str]) -> int:
     try:
         prepare(
             ctx,
-            want_go=not args.no_go and bool({"ingest", "e2e"} & set(names)),
-            needs_incus=bool(NEEDS_INCUS & set(names)),
+            want_go=bool({"ingest", "small", "e2e"} & set(names)),
+            no_go=args.no_go,
+            needs_incus=bool((NEEDS_INCUS | USES_INCUS) & set(names)),
         )
         for name in names:
             if name in NEEDS_INCUS and "incus" in ctx.missing:
                 outcomes[name] = {"skipped": ctx.missing["incus"]}
                 continue
             started = time.monotonic()
+            load_before = os.getloadavg()[0]
             module = importlib.import_module(BENCHMARKS[name])
             try:
                 outcomes[name] = module.run(ctx)
@@ -217,7 +232,13 @@ def main(argv: list[str]) -> int:
                 outcomes[name] = {"error": f"{type(exc).__name__}: {exc}"}
                 if not isinstance(exc, (RuntimeError, OSError, subprocess.SubprocessError)):
                     raise
-            log(f"{name} took {time.monotonic() - started:.0f}s")
+            # Other work on the machine moves every figure: say how busy it was.
+            load_after = os.getloadavg()[0]
+            outcomes[name]["load_average"] = {"start": load_before, "end": load_after}
+            log(
+                f"{name} took {time.monotonic() - started:.0f}s (1-minute load average "
+                f"{load_before:.1f} → {load_after:.1f} on {os.cpu_count()} CPUs)"
+            )
     finally:
         cleanup(ctx)
     print_summary(ctx)

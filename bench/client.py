@@ -8,8 +8,12 @@ when the client, not the server, set the pace.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import socket
+import struct
+import termios
 import threading
 import time
 from collections import Counter
@@ -18,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import percentile
+from bench.common import log, percentile, process_cpu_s
 
 
 class ConnectionClosed(Exception):
@@ -272,10 +276,20 @@ def run_load(
 
 @dataclass
 class BigUpload:
+    """One big upload, timed on the client from its first byte written (seconds from `began`).
+
+    `body_sent_at`: the client's last write returned, so its last byte was in its own kernel's
+    send queue. `body_delivered_at`: that queue was empty, i.e. the server's kernel had
+    acknowledged every byte (None if the answer came first). `in_flight_bytes`: how much of the
+    body was still queued when the last write returned.
+    """
+
     status: int
     size: int
     seconds: float
     body_sent_at: float
+    body_delivered_at: float | None
+    in_flight_bytes: int
     started_wall: float
     answered_wall: float
     body: bytes
@@ -284,9 +298,28 @@ class BigUpload:
     def mb_per_s(self) -> float:
         return self.size / self.seconds / 1e6 if self.seconds else 0.0
 
+    @property
+    def answer_after_sent_ms(self) -> float:
+        """From the client's last byte written to the whole answer read."""
+        return (self.seconds - self.body_sent_at) * 1000
+
+    @property
+    def answer_after_delivered_ms(self) -> float | None:
+        if self.body_delivered_at is None:
+            return None
+        return (self.seconds - self.body_delivered_at) * 1000
+
+
+def _unacknowledged(sock: socket.socket) -> int:
+    """Bytes in a TCP socket's send queue not yet acknowledged by the peer (SIOCOUTQ)."""
+    raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    return int(struct.unpack("i", raw)[0])
+
 
 def big_upload(port: int, head: bytes, source: Path) -> BigUpload:
-    """One upload of a file with sendfile(2): the time from the first byte to the answer."""
+    """One upload of a file with sendfile(2): the time from the first byte to the answer, and
+    when the last byte was written and acknowledged (a thread watches the send queue while the
+    answer is awaited)."""
     size = source.stat().st_size
     conn = Connection(port, timeout=600)
     try:
@@ -298,16 +331,73 @@ def big_upload(port: int, head: bytes, source: Path) -> BigUpload:
         with open(source, "rb") as data:
             sock.sendfile(data)
         sent = time.perf_counter()
-        response = conn._read_response()
-        ended = time.perf_counter()
+        in_flight = _unacknowledged(sock)
+        delivered: list[float] = [sent] if in_flight == 0 else []
+        answered = threading.Event()
+
+        def watch() -> None:
+            while not delivered and not answered.is_set():
+                if _unacknowledged(sock) == 0:
+                    delivered.append(time.perf_counter())
+                    return
+                time.sleep(0.001)
+
+        watcher = threading.Thread(target=watch, name="send-queue", daemon=True)
+        watcher.start()
+        try:
+            response = conn._read_response()
+            ended = time.perf_counter()
+        finally:
+            answered.set()
+            watcher.join()
         return BigUpload(
             status=response.status,
             size=size,
             seconds=ended - began,
             body_sent_at=sent - began,
+            body_delivered_at=delivered[0] - began if delivered else None,
+            in_flight_bytes=in_flight,
             started_wall=started_wall,
             answered_wall=time.time(),
             body=response.body,
         )
     finally:
         conn.close()
+
+
+def warm_up(
+    port: int,
+    token: str | None,
+    pids: Sequence[int],
+    *,
+    container: str,
+    directory: str,
+    clients: int,
+    size: int,
+) -> int:
+    """Uploads on new connections until every server process has served some: Django loads the
+    URLconf (and with it most of the app) on a process's first request, which would otherwise
+    count as RSS growth of the big upload. A process that served nothing has used no CPU.
+    Returns how many uploads were accepted."""
+    before = {pid: process_cpu_s(pid) for pid in pids}
+    body = os.urandom(size)
+    accepted = 0
+    for round_ in range(20):
+        requests = [
+            upload_request(
+                port=port,
+                token=token,
+                container=container,
+                path=f"{directory}/warm{round_}-{n:06d}",
+                body=body,
+            )
+            for n in range(64)
+        ]
+        warm = run_load(port, requests, concurrency=clients, fresh_connections=True)
+        accepted += warm.ok
+        if warm.ok != len(requests):
+            raise RuntimeError(f"warm-up uploads failed: {dict(warm.statuses)}")
+        if all(process_cpu_s(pid) - before[pid] >= 0.05 for pid in pids):
+            return accepted
+    log("warm-up: a server process served no request after 20 rounds")
+    return accepted

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,7 +27,7 @@ RESULTS_DIR = ROOT / "var" / "bench"
 INCUS_SOCKET = "/var/lib/incus/unix.socket"
 CONTAINER = "uploadsvc-run"
 PG_ADMIN = ["-h", "127.0.0.1", "-p", "5432", "-U", "postgres"]
-PG_URL = "postgres://postgres@127.0.0.1:5432/bench"
+PG_URL = "postgres://postgres@127.0.0.1:5432/{name}"
 SECRET_KEY = "bench-only-secret-key-3f1c9a7e52b84d0f9e6a1c2b7d8e4f5a6b7c8d9e0f1a2b3c"  # noqa: S105
 KIB = 1024
 MIB = 1024 * KIB
@@ -46,11 +46,11 @@ class Config:
     push_threads: int = 4
     clients: int = 16
     big_size: int = GIB
-    small_count: int = 10_000
     small_size: int = KIB
-    e2e_count: int = 2_000
+    wrk_seconds: float = 10.0
+    wrk_threads: int = 2
     idle_count: int = 20
-    queue_tasks: int = 10_000
+    queue_tasks: int = 5_000
     queue_procs: tuple[int, ...] = (1, 2, 4)
     queue_threads: int = 8
     queue_timeout: float = 150.0
@@ -65,10 +65,9 @@ class Config:
         if quick:
             sizes = {
                 "big_size": 64 * MIB,
-                "small_count": 1_000,
-                "e2e_count": 200,
+                "wrk_seconds": 3.0,
                 "idle_count": 5,
-                "queue_tasks": 1_000,
+                "queue_tasks": 500,
                 "queue_timeout": 30.0,
                 "load_timeout": 40.0,
             }
@@ -250,6 +249,7 @@ class Database:
     name: str
     url: str
     sqlite_path: Path | None = None
+    pg_name: str | None = None
 
     def connect(self) -> Any:
         if self.sqlite_path is not None:
@@ -273,14 +273,26 @@ def postgres_available() -> str | None:
     return None if result.returncode == 0 else result.stdout.strip() or "not ready"
 
 
-def make_database(name: str, workdir: Path) -> Database:
+def create_pg_database(name: str) -> str:
+    """A new, empty PostgreSQL database; its URL."""
+    subprocess.run(["dropdb", *PG_ADMIN, "--if-exists", name], check=True, timeout=60)
+    subprocess.run(["createdb", *PG_ADMIN, name], check=True, timeout=60)
+    return PG_URL.format(name=name)
+
+
+def drop_pg_database(name: str) -> None:
+    subprocess.run(["dropdb", *PG_ADMIN, "--if-exists", "--force", name], check=False, timeout=60)
+
+
+def make_database(name: str, workdir: Path, run_id: str) -> Database:
+    """SQLite in the run's directory, or a PostgreSQL database named after the run, so that
+    runs started at the same time (in other worktrees) never drop each other's database."""
     if name == "sqlite":
         path = workdir / "bench.sqlite3"
         db = Database("sqlite", f"sqlite:///{path}", sqlite_path=path)
     elif name == "postgres":
-        subprocess.run(["dropdb", *PG_ADMIN, "--if-exists", "bench"], check=True, timeout=60)
-        subprocess.run(["createdb", *PG_ADMIN, "bench"], check=True, timeout=60)
-        db = Database("postgres", PG_URL)
+        pg_name = f"bench_{run_id}"
+        db = Database("postgres", create_pg_database(pg_name), pg_name=pg_name)
     else:
         raise ValueError(name)
     run_manage(db, workdir, ["migrate", "--noinput", "-v", "0"], timeout=300)
@@ -288,10 +300,8 @@ def make_database(name: str, workdir: Path) -> Database:
 
 
 def drop_database(db: Database) -> None:
-    if db.name == "postgres":
-        subprocess.run(
-            ["dropdb", *PG_ADMIN, "--if-exists", "--force", "bench"], check=False, timeout=60
-        )
+    if db.pg_name is not None:
+        drop_pg_database(db.pg_name)
 
 
 def service_env(db: Database, spool: Path, workdir: Path, **extra: str) -> dict[str, str]:
@@ -506,6 +516,67 @@ def in_container(*command: str, timeout: float = 600) -> str:
     return incus("exec", CONTAINER, "--", *command, timeout=timeout).stdout
 
 
+def count_in_container(path: str, prefix: str) -> int:
+    out = in_container("sh", "-c", f"ls {path} | grep -c '^{prefix}' || true")
+    return int(out.strip() or 0)
+
+
+def size_in_container(path: str) -> int:
+    return int(in_container("stat", "-c", "%s", path).strip())
+
+
+# --- waiting for the queue ----------------------------------------------------------------
+
+
+def wait_until(
+    probe: Callable[[], bool], *, timeout: float, interval: float = 0.05, what: str = ""
+) -> float:
+    """Poll until probe() is true; the time.time() it first was. Raises after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if probe():
+            return time.time()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def settled(read: Callable[[], int], *, quiet: float = 1.0, timeout: float = 60.0) -> int:
+    """read() once it has not changed for `quiet` seconds. After a load generator stops, the
+    server still finishes the requests it was in the middle of (their bodies had arrived)."""
+    value = read()
+    changed = time.monotonic()
+    deadline = changed + timeout
+    while time.monotonic() - changed < quiet and time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = read()
+        if now != value:
+            value, changed = now, time.monotonic()
+    return value
+
+
+class OursProbe:
+    """Counts of tasks by status, read straight from the database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.conn = db.connect()
+
+    def counts(self) -> dict[str, int]:
+        return self.db.status_counts(self.conn)
+
+    def total(self) -> int:
+        return sum(self.counts().values())
+
+    def done(self, total: int) -> bool:
+        counts = self.counts()
+        finished = counts.get("succeeded", 0) + counts.get("failed", 0)
+        return finished >= total
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 # --- files --------------------------------------------------------------------------------
 
 
@@ -545,7 +616,14 @@ def fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
-def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def table(
+    title: str,
+    headers: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    left: Sequence[int] = (0,),
+) -> str:
+    """A plain-text table; numbers right-aligned, the `left` columns (text) left-aligned."""
     cells = [[fmt(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     line = "  ".join("-" * w for w in widths)
@@ -554,9 +632,9 @@ def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> 
     for row in cells:
         out.append(
             "  ".join(
-                c.rjust(w) if i else c.ljust(w)
+                c.ljust(w) if i in left else c.rjust(w)
                 for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
+            ).rstrip()
         )
     return "\n".join(out)
 
@@ -635,6 +713,12 @@ class Context:
     @property
     def container_dir(self) -> str:
         return f"/tmp/uploadsvc-bench-{self.cfg.run_id}"
+
+    def prepare_container_dir(self, name: str) -> str:
+        """A directory under container_dir in the container, made now (pushes need the parent)."""
+        path = f"{self.container_dir}/{name}"
+        in_container("mkdir", "-p", path)
+        return path
 
     def big_file(self) -> Path:
         return make_big_file(self.workdir / "big.bin", self.cfg.big_size)

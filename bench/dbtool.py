@@ -6,8 +6,8 @@ several databases. Each command prints JSON on stdout.
 - `reset`: delete every task, attempt, audit event and worker heartbeat.
 - `prefill --count N --instance NAME --dir DIR --size BYTES`: N pending tasks, each with its own
   spool file, written with the ORM in batches.
-- `summary [--tasks]`: counts by status and the first claim / last completion times (epoch
-  seconds); with --tasks one row per task.
+- `summary [--tasks]`: counts by status, attempts recorded, and the first claim / last completion
+  times (epoch seconds); with --tasks one row per task.
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ def summary(*, tasks: bool) -> dict[str, Any]:
     )
     result: dict[str, Any] = {
         "counts": counts,
+        "attempts": UploadAttempt.objects.count(),
         "errors": {row["last_error"]: row["n"] for row in errors},
         **{key: _epoch(value) for key, value in bounds.items()},
     }

@@ -3,9 +3,10 @@
 Per database, with gunicorn and `run_push_workers` (the Incus pusher, --push-threads threads), and
 for the Go reference (its goroutines POST to the Incus files endpoint):
 
-- small: M × 1 KiB from 16 clients; files landed per second, from the first request sent to the
-  last push finished (the task's finished_at, or the reference's last push), checked by counting
-  the files in the container;
+- small: `wrk -t2 -c16 -d10s` (3 s with --quick) of 1 KiB uploads (bench/wrk_upload.lua), then
+  a wait until every upload the server accepted was pushed; files landed per second = the files
+  found in the container over the time from wrk's start to the last push finished (the task's
+  finished_at, or the reference's last push);
 - big: one 1 GiB upload (64 MiB with --quick), upload-to-landed time, split into upload, wait and
   push; `incus file push` of the same file is the yardstick for the push;
 - idle: uploads one at a time with random gaps; 202 → push start (UploadTask.started_at, the
@@ -13,8 +14,8 @@ for the Go reference (its goroutines POST to the Incus files endpoint):
   only). The first can be negative: the wake-up is sent on commit, before the 202 is written.
   PostgreSQL workers are woken by LISTEN/NOTIFY, SQLite workers by the wake-up pipe.
 
-Every phase starts fresh processes on an emptied queue; the files are removed from the container
-afterwards.
+Every phase starts fresh processes on an emptied queue and runs uploadsvc (per database) and the
+reference back to back; the files are removed from the container afterwards.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ import functools
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from bench.client import Connection, big_upload, run_load, upload_request
+from bench.client import Connection, big_upload, upload_request
 from bench.common import (
     CONTAINER,
     MIB,
@@ -35,7 +36,9 @@ from bench.common import (
     Context,
     Database,
     Gunicorn,
+    OursProbe,
     PushWorkers,
+    count_in_container,
     dbtool,
     empty_dir,
     in_container,
@@ -45,64 +48,23 @@ from bench.common import (
     ratio_check,
     running,
     service_env,
+    settled,
+    size_in_container,
     table,
+    wait_until,
     write_result,
 )
 from bench.profiling import Profiler
 from bench.profiling import record as record_profile
 from bench.reference import GoRef
+from bench.wrk import WrkResult, run_wrk
 
 START_LIMIT_MS = 50.0
+# wrk_upload.lua names its files w<thread>-<n>.
+WRK_PREFIX = "w[0-9]"
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def _prepare_dir(ctx: Context, name: str) -> str:
-    path = f"{ctx.container_dir}/{name}"
-    in_container("mkdir", "-p", path)
-    return path
-
-
-def _count_in_container(path: str, prefix: str) -> int:
-    out = in_container("sh", "-c", f"ls {path} | grep -c '^{prefix}' || true")
-    return int(out.strip() or 0)
-
-
-def _size_in_container(path: str) -> int:
-    return int(in_container("stat", "-c", "%s", path).strip())
-
-
-def _wait_until(
-    probe: Callable[[], bool], *, timeout: float, interval: float = 0.05, what: str = ""
-) -> float:
-    """Poll until probe() is true; the time.time() it first was. Raises after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if probe():
-            return time.time()
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-class OursProbe:
-    """Counts of tasks by status, read straight from the database."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-        self.conn = db.connect()
-
-    def counts(self) -> dict[str, int]:
-        return self.db.status_counts(self.conn)
-
-    def done(self, total: int) -> bool:
-        counts = self.counts()
-        finished = counts.get("succeeded", 0) + counts.get("failed", 0)
-        return finished >= total
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 @contextmanager
@@ -163,87 +125,117 @@ def _one_upload(port: int, token: str | None, path: str, body: bytes) -> tuple[f
 # --- small files ---------------------------------------------------------------------------
 
 
-def _small_requests(ctx: Context, port: int, token: str | None, directory: str) -> list[bytes]:
-    body = os.urandom(ctx.cfg.small_size)
-    return [
-        upload_request(
-            port=port, token=token, container=CONTAINER, path=f"{directory}/f-{n:06d}", body=body
-        )
-        for n in range(ctx.cfg.e2e_count)
-    ]
+def _small_load(ctx: Context, port: int, token: str | None, directory: str) -> WrkResult:
+    cfg = ctx.cfg
+    return run_wrk(
+        port,
+        seconds=cfg.wrk_seconds,
+        directory=directory,
+        container=CONTAINER,
+        token=token,
+        size=cfg.small_size,
+        threads=cfg.wrk_threads,
+        connections=cfg.clients,
+    )
+
+
+def _landed(
+    load: WrkResult, directory: str, *, taken: int, last_done: float | None, cut_off: bool
+) -> dict[str, Any]:
+    """Files landed per second: the uploads found in the container over the time from wrk's
+    start to the last push finished. `taken`: uploads the server accepted (wrk does not count
+    the answers still in flight when it stops; the server may have taken those too)."""
+    landed = count_in_container(directory, WRK_PREFIX)
+    elapsed = last_done - load.started_wall if last_done else None
+    return {
+        "uploads": load.summary(),
+        "server_accepted": taken,
+        "landed_in_container": landed,
+        "cut_off": cut_off,
+        "seconds": elapsed,
+        "landed_per_s": landed / elapsed if elapsed else None,
+    }
 
 
 def _small_ours(ctx: Context, db: Database) -> dict[str, Any]:
     log(f"e2e small files: uploadsvc on {db.name}")
     cfg = ctx.cfg
-    directory = _prepare_dir(ctx, f"{db.name}-small")
+    directory = ctx.prepare_container_dir(f"{db.name}-small")
     token = ctx.tokens[db.name]
+    cut_off = False
     with _ours(ctx, db, "small") as (server, workers):
         probe = OursProbe(db)
         try:
             _one_upload(server.port, token, f"{directory}/warm", b"warm")
-            _wait_until(lambda: probe.done(1), timeout=60, what="the warm-up push")
+            wait_until(lambda: probe.done(1), timeout=60, what="the warm-up push")
             profiler = None
             if cfg.profile and db.name == "postgres":
                 profiler = Profiler(
                     workers.pids()[0], ctx.profile_path(f"e2e-workers-{db.name}")
                 ).start()
-            requests = _small_requests(ctx, server.port, token, directory)
-            load = run_load(
-                server.port, requests, concurrency=cfg.clients, timeout=cfg.load_timeout
-            )
-            _wait_until(
-                lambda: probe.done(1 + load.ok),
-                timeout=cfg.load_timeout,
-                what=f"{load.ok} pushes",
-            )
+            load = _small_load(ctx, server.port, token, directory)
+            total = settled(probe.total)
+            try:
+                wait_until(
+                    lambda: probe.done(total), timeout=cfg.load_timeout, what=f"{total} pushes"
+                )
+            except RuntimeError as exc:
+                log(f"e2e small files on {db.name}: {exc}")
+                cut_off = True
             if profiler is not None:
                 record_profile(ctx.profiles, profiler, f"e2e push workers ({db.name})")
             counts = probe.counts()
         finally:
             probe.close()
     summary = dbtool(db, ctx.workdir, "summary")
-    elapsed = summary["last_finished"] - load.started_wall
-    landed = _count_in_container(directory, "f-")
     if summary["errors"]:
         log(f"e2e small files on {db.name}: errors {summary['errors']}")
     return {
-        "uploads": load.summary(),
+        **_landed(
+            load, directory, taken=total - 1, last_done=summary["last_finished"], cut_off=cut_off
+        ),
         "counts": counts,
         "errors": summary["errors"],
-        "landed_in_container": landed,
-        "seconds": elapsed,
-        "landed_per_s": load.ok / elapsed if elapsed > 0 else None,
     }
 
 
 def _small_go(ctx: Context) -> dict[str, Any]:
     log("e2e small files: Go reference")
     cfg = ctx.cfg
-    directory = _prepare_dir(ctx, "go-small")
+    directory = ctx.prepare_container_dir("go-small")
+    cut_off = False
     with _go(ctx, "small") as server:
         _one_upload(server.port, None, f"{directory}/warm", b"warm")
-        _wait_until(lambda: _go_done(server, 1), timeout=60, what="the warm-up push")
-        requests = _small_requests(ctx, server.port, None, directory)
-        load = run_load(server.port, requests, concurrency=cfg.clients, timeout=cfg.load_timeout)
-        _wait_until(
-            lambda: _go_done(server, 1 + load.ok), timeout=cfg.load_timeout, what="Go pushes"
-        )
+        wait_until(lambda: server.done(1), timeout=60, what="the warm-up push")
+        load = _small_load(ctx, server.port, None, directory)
+        total = settled(lambda: int(server.stats()["accepted"]))
+        try:
+            wait_until(lambda: server.done(total), timeout=cfg.load_timeout, what="Go pushes")
+        except RuntimeError as exc:
+            log(f"e2e small files, Go reference: {exc}")
+            cut_off = True
         stats = server.stats()
-    elapsed = stats["last_done_ns"] / 1e9 - load.started_wall
-    landed = _count_in_container(directory, "f-")
+    last_done = stats["last_done_ns"] / 1e9 if stats["last_done_ns"] else None
     return {
-        "uploads": load.summary(),
+        **_landed(load, directory, taken=total - 1, last_done=last_done, cut_off=cut_off),
         "counts": {"succeeded": stats["pushed"], "failed": stats["failed"]},
-        "landed_in_container": landed,
-        "seconds": elapsed,
-        "landed_per_s": load.ok / elapsed if elapsed > 0 else None,
     }
 
 
-def _go_done(server: GoRef, total: int) -> bool:
-    stats = server.stats()
-    return int(stats["pushed"]) + int(stats["failed"]) >= total
+def _small_problems(who: str, r: dict[str, Any]) -> list[str]:
+    """What a reader of the landed/s figure must know: cut off, missing files, not-202s."""
+    problems = []
+    if r["cut_off"]:
+        problems.append(f"{who}: cut off before every push finished")
+    if r["landed_in_container"] != r["server_accepted"]:
+        problems.append(
+            f"{who}: {r['landed_in_container']} files in the container of "
+            f"{r['server_accepted']} accepted"
+        )
+    other = {k: n for k, n in r["uploads"]["statuses"].items() if k != "202"}
+    if other or r["uploads"]["socket_errors"]:
+        problems.append(f"{who}: not 202: {other} {r['uploads']['socket_errors']}")
+    return problems
 
 
 # --- one big file -------------------------------------------------------------------------
@@ -251,7 +243,7 @@ def _go_done(server: GoRef, total: int) -> bool:
 
 def _big_ours(ctx: Context, db: Database) -> dict[str, Any]:
     log(f"e2e big file: uploadsvc on {db.name}")
-    directory = _prepare_dir(ctx, f"{db.name}-big")
+    directory = ctx.prepare_container_dir(f"{db.name}-big")
     source = ctx.big_file()
     target = f"{directory}/big.bin"
     with _ours(ctx, db, "big") as (server, _workers):
@@ -268,11 +260,11 @@ def _big_ours(ctx: Context, db: Database) -> dict[str, Any]:
             upload = big_upload(server.port, head, source)
             if upload.status != 202:
                 raise RuntimeError(f"big upload answered {upload.status}")
-            _wait_until(lambda: probe.done(1), timeout=600, interval=0.02, what="the big push")
+            wait_until(lambda: probe.done(1), timeout=600, interval=0.02, what="the big push")
         finally:
             probe.close()
     task = dbtool(db, ctx.workdir, "summary", "--tasks")["tasks"][0]
-    size = _size_in_container(target)
+    size = size_in_container(target)
     in_container("rm", "-f", target)
     return {
         "status": task["status"],
@@ -287,7 +279,7 @@ def _big_ours(ctx: Context, db: Database) -> dict[str, Any]:
 
 def _big_go(ctx: Context) -> dict[str, Any]:
     log("e2e big file: Go reference")
-    directory = _prepare_dir(ctx, "go-big")
+    directory = ctx.prepare_container_dir("go-big")
     source = ctx.big_file()
     target = f"{directory}/big.bin"
     with _go(ctx, "big") as server:
@@ -302,9 +294,9 @@ def _big_go(ctx: Context) -> dict[str, Any]:
         upload = big_upload(server.port, head, source)
         if upload.status != 202:
             raise RuntimeError(f"big upload answered {upload.status}")
-        _wait_until(lambda: _go_done(server, 1), timeout=600, interval=0.02, what="Go's push")
+        wait_until(lambda: server.done(1), timeout=600, interval=0.02, what="Go's push")
         stats = server.stats()
-    size = _size_in_container(target)
+    size = size_in_container(target)
     in_container("rm", "-f", target)
     done = stats["last_done_ns"] / 1e9
     wait = stats["wait_p50_ms"] / 1000
@@ -323,14 +315,14 @@ def _big_cli(ctx: Context, tag: str) -> dict[str, Any]:
     """`incus file push` of the same file, right after a variant's own push (pairs them up:
     the container's filesystem is in the same state for both)."""
     log("e2e big file: incus file push")
-    directory = _prepare_dir(ctx, f"cli-big-{tag}")
+    directory = ctx.prepare_container_dir(f"cli-big-{tag}")
     source = ctx.big_file()
     target = f"{directory}/big.bin"
     os.sync()
     began = time.perf_counter()
     incus("file", "push", str(source), f"{CONTAINER}{target}")
     seconds = time.perf_counter() - began
-    size = _size_in_container(target)
+    size = size_in_container(target)
     in_container("rm", "-f", target)
     return {"bytes": source.stat().st_size, "landed_size": size, "push_s": seconds}
 
@@ -345,7 +337,7 @@ def _gaps(ctx: Context) -> list[float]:
 
 def _idle_ours(ctx: Context, db: Database) -> dict[str, Any]:
     log(f"e2e idle latency: uploadsvc on {db.name}")
-    directory = _prepare_dir(ctx, f"{db.name}-idle")
+    directory = ctx.prepare_container_dir(f"{db.name}-idle")
     answered: dict[str, float] = {}
     with _ours(ctx, db, "idle") as (server, _workers):
         probe = OursProbe(db)
@@ -356,7 +348,7 @@ def _idle_ours(ctx: Context, db: Database) -> dict[str, Any]:
                     server.port, ctx.tokens[db.name], f"{directory}/i-{n:04d}", b"x" * 1024
                 )
                 answered[str(data["id"])] = at
-                _wait_until(
+                wait_until(
                     functools.partial(probe.done, n + 1),
                     timeout=60,
                     interval=0.005,
@@ -384,13 +376,13 @@ def _idle_ours(ctx: Context, db: Database) -> dict[str, Any]:
 
 def _idle_go(ctx: Context) -> dict[str, Any]:
     log("e2e idle latency: Go reference")
-    directory = _prepare_dir(ctx, "go-idle")
+    directory = ctx.prepare_container_dir("go-idle")
     lands: list[float] = []
     with _go(ctx, "idle") as server:
         for n, gap in enumerate(_gaps(ctx)):
             at, _ = _one_upload(server.port, None, f"{directory}/i-{n:04d}", b"x" * 1024)
-            _wait_until(
-                functools.partial(_go_done, server, n + 1),
+            wait_until(
+                functools.partial(server.done, n + 1),
                 timeout=60,
                 interval=0.005,
                 what="an idle push",
@@ -414,39 +406,58 @@ def _idle_go(ctx: Context) -> dict[str, Any]:
 
 def run(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
-    results: dict[str, dict[str, Any]] = {}
-    for name, db in ctx.databases.items():
-        results[name] = {
-            "small": _small_ours(ctx, db),
-            "big": _big_ours(ctx, db),
-            "cli": _big_cli(ctx, name),
-            "idle": _idle_ours(ctx, db),
-        }
+    # Phase by phase, so that uploadsvc and the reference run each one back to back.
+    results: dict[str, dict[str, Any]] = {name: {} for name in ctx.databases}
     if ctx.go_binary is not None:
-        results["go"] = {
-            "small": _small_go(ctx),
-            "big": _big_go(ctx),
-            "cli": _big_cli(ctx, "go"),
-            "idle": _idle_go(ctx),
-        }
+        results["go"] = {}
+    for name, db in ctx.databases.items():
+        results[name]["small"] = _small_ours(ctx, db)
+    if "go" in results:
+        results["go"]["small"] = _small_go(ctx)
+    for name, db in ctx.databases.items():
+        results[name]["big"] = _big_ours(ctx, db)
+        results[name]["cli"] = _big_cli(ctx, name)
+    if "go" in results:
+        results["go"]["big"] = _big_go(ctx)
+        results["go"]["cli"] = _big_cli(ctx, "go")
+    for name, db in ctx.databases.items():
+        results[name]["idle"] = _idle_ours(ctx, db)
+    if "go" in results:
+        results["go"]["idle"] = _idle_go(ctx)
 
     def label(variant: str) -> str:
         return "Go reference" if variant == "go" else f"uploadsvc/{variant}"
 
     print(
         table(
-            f"end to end: {cfg.e2e_count:,} × {cfg.small_size} B from {cfg.clients} clients "
-            f"into {CONTAINER} ({cfg.push_threads} push threads)",
-            ["server", "landed/s", "seconds", "accepted/s", "202 p50 ms", "202 p99 ms", "in ctr"],
+            f"end to end: wrk -t{cfg.wrk_threads} -c{cfg.clients} -d{cfg.wrk_seconds:g}s of "
+            f"{cfg.small_size} B uploads into {CONTAINER} ({cfg.push_threads} push threads), "
+            "then until the last one landed",
+            [
+                "server",
+                "landed/s",
+                "seconds",
+                "server accepted",
+                "in container",
+                "accepted/s",
+                "p50 ms",
+                "p99 ms",
+                "not 202",
+                "cut off",
+            ],
             [
                 [
                     label(v),
                     r["small"]["landed_per_s"],
                     r["small"]["seconds"],
+                    r["small"]["server_accepted"],
+                    r["small"]["landed_in_container"],
                     r["small"]["uploads"]["rate_per_s"],
                     r["small"]["uploads"]["p50_ms"],
                     r["small"]["uploads"]["p99_ms"],
-                    r["small"]["landed_in_container"],
+                    sum(n for k, n in r["small"]["uploads"]["statuses"].items() if k != "202")
+                    + sum(r["small"]["uploads"]["socket_errors"].values()),
+                    r["small"]["cut_off"],
                 ]
                 for v, r in results.items()
             ],
@@ -526,7 +537,12 @@ def run(ctx: Context) -> dict[str, Any]:
                 go["small"]["landed_per_s"] if go else None,
                 unit="files/s",
                 at_least=1.0,
-                note=missing,
+                note="; ".join(
+                    p
+                    for p in _small_problems("ours", ours["small"])
+                    + (_small_problems("Go", go["small"]) if go else [missing])
+                    if p
+                ),
             )
         )
         ctx.checks.append(

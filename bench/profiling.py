@@ -80,7 +80,7 @@ class Profiler:
 
 
 def _short(file: str) -> str:
-    for marker in ("site-packages/", "/work/main/", "lib/python3."):
+    for marker in ("site-packages/", f"{ROOT}/", "lib/python3."):
         if marker in file:
             return file.split(marker, 1)[1]
     return file

@@ -96,6 +96,11 @@ class GoRef:
             data: dict[str, Any] = json.load(r)
         return data
 
+    def done(self, total: int) -> bool:
+        """True once `total` tasks were pushed or failed."""
+        stats = self.stats()
+        return int(stats["pushed"]) + int(stats["failed"]) >= total
+
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc, timeout=10)
