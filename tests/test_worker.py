@@ -230,13 +230,13 @@ def test_a_paused_worker_never_publishes_a_task_another_worker_took_over(
     paused = start_worker(spool, tmp_path, "--poll-interval", "0.1", SLOW_PUSH_SECONDS="3", **env)
     rescuer = None
     try:
-        wait_for(lambda: UploadTask.objects.filter(status=Status.RUNNING).exists())
+        wait_for(lambda: UploadTask.objects.filter(status=Status.RUNNING).exists(), 60)
         os.kill(paused.pid, signal.SIGSTOP)
         time.sleep(2.5)  # longer than the lease
         rescuer = start_worker(
             spool, tmp_path, "--poll-interval", "0.1", SLOW_PUSH_SECONDS="0.2", **env
         )
-        wait_for(lambda: UploadTask.objects.get().status == Status.SUCCEEDED)
+        wait_for(lambda: UploadTask.objects.get().status == Status.SUCCEEDED, 60)
         os.kill(paused.pid, signal.SIGCONT)
         time.sleep(4)  # A's push "ends" now; it must not publish
     finally:
@@ -271,11 +271,11 @@ def test_a_push_that_outlives_its_lease_stops_and_is_pushed_again_by_the_same_wo
     }
     worker = start_worker(spool, tmp_path, "--poll-interval", "0.1", SLOW_PUSH_SECONDS="1", **env)
     try:
-        wait_for(lambda: UploadTask.objects.filter(status=Status.RUNNING).exists())
+        wait_for(lambda: UploadTask.objects.filter(status=Status.RUNNING).exists(), 60)
         os.kill(worker.pid, signal.SIGSTOP)
         time.sleep(2.5)
         os.kill(worker.pid, signal.SIGCONT)
-        wait_for(lambda: UploadTask.objects.get().status == Status.SUCCEEDED)
+        wait_for(lambda: UploadTask.objects.get().status == Status.SUCCEEDED, 60)
     finally:
         os.kill(worker.pid, signal.SIGCONT)
         worker.terminate()

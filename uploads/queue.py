@@ -97,6 +97,8 @@ class Claim:
     renewed_at: float = field(default_factory=time.monotonic)
     # The database did not renew it (another worker reaped it), or this worker let it go.
     revoked: threading.Event = field(default_factory=threading.Event)
+    # The access generation when it was claimed: grants read since then still hold.
+    generation: int = 0
 
     @property
     def key(self) -> tuple[uuid.UUID, uuid.UUID]:
@@ -255,7 +257,9 @@ WITH picked AS MATERIALIZED (
     SELECT id, attempts, %(worker)s, claim_token, started_at, 'running', '' FROM claimed
     RETURNING id, task_id
 )
-SELECT {", ".join(f"c.{c}" for c in JOB_COLUMNS)}, c.claim_token, a.id
+SELECT {", ".join(f"c.{c}" for c in JOB_COLUMNS)},
+       (SELECT value FROM {AccessGeneration._meta.db_table} WHERE id = %(singleton)s),
+       c.claim_token, a.id
 FROM claimed c JOIN attempts a ON a.task_id = c.id
 """  # noqa: S608
 
@@ -276,7 +280,15 @@ def claim(*, worker_id: str, limit: int) -> list[Claim]:
     if _postgresql():
         with connection.cursor() as cursor:
             lease = float(uploads_settings.LEASE_SECONDS)
-            cursor.execute(CLAIM_SQL, {"limit": limit, "lease": lease, "worker": worker_id})
+            cursor.execute(
+                CLAIM_SQL,
+                {
+                    "limit": limit,
+                    "lease": lease,
+                    "worker": worker_id,
+                    "singleton": AccessGeneration.SINGLETON,
+                },
+            )
             rows = cursor.fetchall()
         return [
             Claim(
@@ -284,6 +296,7 @@ def claim(*, worker_id: str, limit: int) -> list[Claim]:
                 token=row[-2],
                 attempt_id=row[-1],
                 renewed_at=started,
+                generation=row[-3] or 0,
             )
             for row in rows
         ]
@@ -294,6 +307,7 @@ def _claim_orm(worker_id: str, limit: int, started: float) -> list[Claim]:
     claims = []
     with transaction.atomic():
         # SQLite: the IMMEDIATE transaction holds the write lock until the commit.
+        generation = current_generation()
         ready = UploadTask.objects.filter(status=Status.PENDING, next_attempt_at__lte=Now())
         for pk in ready.order_by("next_attempt_at").values_list("pk", flat=True)[:limit]:
             token = uuid.uuid4()
@@ -314,7 +328,13 @@ def _claim_orm(worker_id: str, limit: int, started: float) -> list[Claim]:
                 started_at=row[-1],
             )
             claims.append(
-                Claim(task=_job(row[:-1]), token=token, attempt_id=attempt.pk, renewed_at=started)
+                Claim(
+                    task=_job(row[:-1]),
+                    token=token,
+                    attempt_id=attempt.pk,
+                    renewed_at=started,
+                    generation=generation,
+                )
             )
     return claims
 
@@ -389,30 +409,121 @@ def reap(*, holding: Iterable[tuple[uuid.UUID, uuid.UUID]] = ()) -> int:
 # --- completions -------------------------------------------------------------------------------
 
 
+COMPLETE_SQL = f"""
+WITH done AS (
+    SELECT * FROM unnest(
+        %(ids)s::uuid[], %(tokens)s::uuid[], %(attempts)s::bigint[], %(results)s::text[],
+        %(errors)s::text[], %(delays)s::float8[]
+    ) AS d(id, token, attempt_id, result, error, delay)
+), tasks AS (
+    UPDATE {TASKS} t SET
+        status = CASE
+            WHEN d.result = 'succeeded' THEN 'succeeded'
+            WHEN d.result = 'released' THEN 'pending'
+            WHEN d.result = 'transient' AND t.attempts < t.max_attempts THEN 'pending'
+            ELSE 'failed' END,
+        finished_at = CASE
+            WHEN d.result = 'released' THEN NULL
+            WHEN d.result = 'transient' AND t.attempts < t.max_attempts THEN NULL
+            ELSE statement_timestamp() END,
+        next_attempt_at = CASE
+            WHEN d.result = 'released' THEN statement_timestamp()
+            WHEN d.result = 'transient' AND t.attempts < t.max_attempts
+                THEN statement_timestamp() + d.delay * interval '1 second'
+            ELSE t.next_attempt_at END,
+        last_error = CASE
+            WHEN d.result = 'succeeded' THEN ''
+            WHEN d.result = 'released' THEN t.last_error
+            ELSE d.error END,
+        max_attempts = CASE
+            WHEN d.result = 'released' THEN GREATEST(t.max_attempts, t.attempts + 1)
+            ELSE t.max_attempts END,
+        body = CASE WHEN d.result = 'succeeded' THEN NULL ELSE t.body END,
+        claim_token = NULL,
+        lease_expires_at = NULL
+    FROM done d
+    WHERE t.id = d.id AND t.status = 'running' AND t.claim_token = d.token
+    RETURNING t.id, t.status, t.spool_name
+), attempts AS (
+    UPDATE {ATTEMPTS} a SET
+        outcome = CASE
+            WHEN d.result = 'succeeded' THEN 'succeeded'
+            WHEN d.result = 'released' THEN 'interrupted'
+            WHEN tasks.status = 'pending' THEN 'retry'
+            ELSE 'failed' END,
+        error = CASE WHEN d.result = 'released' THEN %(interrupted)s ELSE d.error END,
+        finished_at = statement_timestamp()
+    FROM done d JOIN tasks ON tasks.id = d.id
+    WHERE a.id = d.attempt_id
+)
+SELECT tasks.id, tasks.status,
+       tasks.status = 'succeeded' AND tasks.spool_name <> '' AND NOT EXISTS (
+           SELECT 1 FROM {TASKS} other
+           WHERE other.spool_name = tasks.spool_name AND other.status <> 'succeeded'
+             AND other.id NOT IN (SELECT id FROM tasks WHERE status = 'succeeded')
+       ),
+       tasks.spool_name
+FROM tasks
+"""  # noqa: S608
+
+
 def complete(completions: Sequence[Completion]) -> dict[Claim, str | None]:
-    """Record how pushes ended, in one transaction: each task's new status, or None where the
-    claim was lost (another worker owns the task now and nothing was written).
+    """Record how pushes ended: each task's new status, or None where the claim was lost
+    (another worker owns the task now and nothing was written).
 
     Succeeded tasks free their spool file once nothing else may need it; refused pushes are
-    audited with their failure.
+    audited with their failure. On PostgreSQL a batch is one statement (tasks, attempts and
+    which files nobody needs any more together); refused ones, rare, go through the ORM.
     """
     if not completions:
         return {}
     statuses: dict[Claim, str | None] = {}
     freed: list[str] = []
-    with transaction.atomic():
-        for done in completions:
-            status = _complete_one(done)
-            statuses[done.claim] = status
-            if status == Status.SUCCEEDED and done.claim.task.spool_name:
-                freed.append(done.claim.task.spool_name)
+    one_by_one = list(completions)
+    if _postgresql():
+        one_by_one = [done for done in completions if done.result == Result.REFUSED]
+        batch = [done for done in completions if done.result != Result.REFUSED]
+        by_id = {done.claim.task.id: done.claim for done in batch}
+        statuses.update(dict.fromkeys(by_id.values()))
+        for task_id, new_status, free, name in _complete_batch(batch):
+            statuses[by_id[_uuid(task_id)]] = new_status
+            if free:
+                freed.append(name)
+    if one_by_one:
+        with transaction.atomic():
+            for done in one_by_one:
+                status = _complete_one(done)
+                statuses[done.claim] = status
+                if status == Status.SUCCEEDED and done.claim.task.spool_name:
+                    freed.append(done.claim.task.spool_name)
+        freed = unneeded_bodies(freed)
     # After the commit: a body nobody else needs goes; a retried sibling keeps it.
-    for name in unneeded_bodies(freed):
+    for name in freed:
         spool.remove(name)
     if any(done.result == Result.RELEASED for done in completions):
         notify_workers()  # ready again at once
     announce_finished(c.task.id for c, status in statuses.items() if status in FINISHED)
     return statuses
+
+
+def _complete_batch(batch: Sequence[Completion]) -> list[tuple[Any, str, bool, str]]:
+    if not batch:
+        return []
+    params: dict[str, Any] = {
+        "ids": [done.claim.task.id for done in batch],
+        "tokens": [done.claim.token for done in batch],
+        "attempts": [done.claim.attempt_id for done in batch],
+        "results": [done.result for done in batch],
+        "errors": [done.error for done in batch],
+        "delays": [
+            retry_delay(done.claim.task.attempts) if done.result == Result.TRANSIENT else 0.0
+            for done in batch
+        ],
+        "interrupted": INTERRUPTED_ERROR,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(COMPLETE_SQL, params)
+        return list(cursor.fetchall())
 
 
 def _complete_one(done: Completion) -> str | None:

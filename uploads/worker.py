@@ -73,6 +73,25 @@ class _Ended:
     duration: float
 
 
+class _Grants:
+    """The owners' grants, re-read only when the access generation moved (a grant, group or
+    user changed: uploads.access): every push is checked against current grants at the cost of
+    a look-up only when something changed."""
+
+    def __init__(self) -> None:
+        self.generation: int | None = None
+        self.owners: dict[int, selectors.OwnerGrants] = {}
+
+    def of(self, owner_ids: set[int], *, generation: int) -> dict[int, selectors.OwnerGrants]:
+        if generation != self.generation:
+            self.owners.clear()
+            self.generation = generation
+        missing = owner_ids - self.owners.keys()
+        if missing:
+            self.owners.update(selectors.owner_grants(missing))
+        return self.owners
+
+
 class Worker:
     def __init__(
         self,
@@ -103,6 +122,7 @@ class Worker:
         self._pushers: list[Pusher] = []
         self._lock = threading.Lock()
         self._heartbeat: threading.Thread | None = None
+        self._grants = _Grants()
         self.processed = 0
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -211,7 +231,9 @@ class Worker:
         claims = queue.claim(worker_id=self.worker_id, limit=limit)
         if not claims:
             return claims
-        grants = selectors.owner_grants(c.task.owner_id for c in claims)
+        grants = self._grants.of(
+            {c.task.owner_id for c in claims}, generation=min(c.generation for c in claims)
+        )
         refused = []
         for claim in claims:
             task = claim.task
