@@ -198,6 +198,50 @@ class _Sha256:
         return self._hash.hexdigest()
 
 
+class _Flusher:
+    """Writes a large body's data to disk on a helper thread while the rest still arrives:
+    every `every` bytes it asks for an fdatasync, so that the fsync before the 202 finds at
+    most that much left (otherwise the whole body can still be in the page cache when its last
+    byte arrives, and the 202 waits for all of it to reach the disk)."""
+
+    every = 32 * 1024 * 1024
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._pending = 0
+        self._due = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def wrote(self, size: int) -> None:
+        self._pending += size
+        if self._pending < self.every:
+            return
+        self._pending = 0
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="spool-sync", daemon=True)
+            self._thread.start()
+        self._due.set()
+
+    def _run(self) -> None:
+        while True:
+            self._due.wait()
+            self._due.clear()
+            if self._stopping:
+                return
+            try:
+                os.fdatasync(self._fd)
+            except OSError:
+                return  # the final fsync reports what went wrong
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stopping = True
+            self._due.set()
+            self._thread.join()
+            self._thread = None
+
+
 class SpoolWriter:
     """Writes one upload to `<spool>/<uuid>.part`; `commit()` renames it to its final name.
 
@@ -212,6 +256,7 @@ class SpoolWriter:
         fd = os.open(self._part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
         self._file: IO[bytes] | None = os.fdopen(fd, "wb")
         self._hash = _Sha256()
+        self._flusher = _Flusher(fd)
         self.size = 0
         self._committed = False
 
@@ -230,11 +275,13 @@ class SpoolWriter:
             raise
         self._hash.update(chunk)
         self.size += len(chunk)
+        self._flusher.wrote(len(chunk))
 
     def commit(self) -> SpooledFile:
         file = self._open_file()
         try:
             file.flush()
+            self._flusher.close()
             os.fsync(file.fileno())
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -250,6 +297,7 @@ class SpoolWriter:
 
     def abort(self) -> None:
         self._hash.close()
+        self._flusher.close()
         if self._file is not None:
             self._file.close()
             self._file = None
