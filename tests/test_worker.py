@@ -104,11 +104,12 @@ def start_worker(spool: Path, tmp_path: Path, *args: str, **env: str) -> subproc
     )
 
 
-def wait_for(predicate: Any, timeout: float = 20.0) -> None:
+def wait_for(predicate: Any, timeout: float = 20.0, log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
+            tail = log.read_text()[-4000:] if log is not None and log.exists() else ""
+            raise AssertionError(f"condition not reached in time\n{tail}")
         time.sleep(0.05)
 
 
@@ -230,13 +231,19 @@ def test_a_paused_worker_never_publishes_a_task_another_worker_took_over(
     paused = start_worker(spool, tmp_path, "--poll-interval", "0.1", SLOW_PUSH_SECONDS="3", **env)
     rescuer = None
     try:
-        wait_for(lambda: UploadTask.objects.filter(status=Status.RUNNING).exists(), 60)
+        wait_for(
+            lambda: UploadTask.objects.filter(status=Status.RUNNING).exists(),
+            60,
+            tmp_path / "worker.log",
+        )
         os.kill(paused.pid, signal.SIGSTOP)
         time.sleep(2.5)  # longer than the lease
         rescuer = start_worker(
             spool, tmp_path, "--poll-interval", "0.1", SLOW_PUSH_SECONDS="0.2", **env
         )
-        wait_for(lambda: UploadTask.objects.get().status == Status.SUCCEEDED, 60)
+        wait_for(
+            lambda: UploadTask.objects.get().status == Status.SUCCEEDED, 60, tmp_path / "worker.log"
+        )
         os.kill(paused.pid, signal.SIGCONT)
         time.sleep(4)  # A's push "ends" now; it must not publish
     finally:
@@ -271,11 +278,17 @@ def test_a_push_that_outlives_its_lease_stops_and_is_pushed_again_by_the_same_wo
     }
     worker = start_worker(spool, tmp_path, "--poll-interval", "0.1", SLOW_PUSH_SECONDS="1", **env)
     try:
-        wait_for(lambda: UploadTask.objects.filter(status=Status.RUNNING).exists(), 60)
+        wait_for(
+            lambda: UploadTask.objects.filter(status=Status.RUNNING).exists(),
+            60,
+            tmp_path / "worker.log",
+        )
         os.kill(worker.pid, signal.SIGSTOP)
         time.sleep(2.5)
         os.kill(worker.pid, signal.SIGCONT)
-        wait_for(lambda: UploadTask.objects.get().status == Status.SUCCEEDED, 60)
+        wait_for(
+            lambda: UploadTask.objects.get().status == Status.SUCCEEDED, 60, tmp_path / "worker.log"
+        )
     finally:
         os.kill(worker.pid, signal.SIGCONT)
         worker.terminate()

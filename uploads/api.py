@@ -37,14 +37,13 @@ from uploads.authentication import CachedTokenAuthentication, user_of
 from uploads.conf import uploads_settings
 from uploads.exceptions import (
     BodyTimeout,
-    Conflict,
-    Gone,
     IdempotencyKeyReused,
     IncompleteBody,
     InsufficientStorage,
     LengthRequired,
     PayloadTooLarge,
     QueueFull,
+    as_http_error,
 )
 from uploads.models import UploadTask
 from uploads.serializers import (
@@ -252,11 +251,8 @@ def _check_granted(request: Request, params: dict[str, Any], size: int | None) -
             permission = selectors.check_grants(fresh.grants, **destination)
     else:
         permission = selectors.upload_permission(user=request.user, **destination)
-    if permission.allowed:
-        return
-    if permission.status == status.HTTP_413_REQUEST_ENTITY_TOO_LARGE:
-        raise PayloadTooLarge(permission.reason)
-    raise PermissionDenied(permission.reason)
+    if not permission.allowed:
+        raise services.NotGranted(permission.reason, too_large=permission.too_large)
 
 
 @contextmanager
@@ -453,7 +449,10 @@ class UploadViewSet(
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         try:
             return self._create(request)
-        except APIException as exc:
+        except Exception as error:
+            exc = as_http_error(error)
+            if not isinstance(exc, APIException):
+                raise
             metrics.UPLOADS_REFUSED.labels(status=str(exc.status_code)).inc()
             audit(
                 action="upload",
@@ -525,7 +524,7 @@ class UploadViewSet(
             user, request.auth = user_of(access_cache.load(cached.key))
             request.user = user
             _check_granted(request, params, spooled.size)
-        except APIException:
+        except (APIException, services.NotGranted):
             spool.remove(spooled.name)
             raise
         return cast(User, user)
@@ -582,7 +581,7 @@ class UploadViewSet(
         if length is None:
             try:
                 _check_granted(request, params, spooled.size)  # the size of a chunked body
-            except APIException:
+            except services.NotGranted:
                 spool.remove(spooled.name)
                 raise
         _verify_digest(params, spooled)
@@ -633,22 +632,12 @@ class UploadViewSet(
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, pk: str | None = None) -> Response:
         task = self._changeable_object()
-        try:
-            task = services.upload_retry(task=task, actor=request.user, source=_source(request))
-        except services.TaskStateError as exc:
-            raise Conflict(str(exc)) from exc
-        except services.SpoolFileMissing as exc:
-            raise Gone(str(exc)) from exc
-        except services.NotGranted as exc:
-            raise PermissionDenied(str(exc)) from exc
+        task = services.upload_retry(task=task, actor=request.user, source=_source(request))
         return Response(self.get_serializer(task).data)
 
     @extend_schema(request=None, responses={200: UploadTaskSerializer, 409: OpenApiResponse()})
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, pk: str | None = None) -> Response:
         task = self._changeable_object()
-        try:
-            task = services.upload_cancel(task=task, actor=request.user, source=_source(request))
-        except services.TaskStateError as exc:
-            raise Conflict(str(exc)) from exc
+        task = services.upload_cancel(task=task, actor=request.user, source=_source(request))
         return Response(self.get_serializer(task).data)

@@ -6,9 +6,11 @@ from typing import Any
 from django.db import InterfaceError, OperationalError
 from django.utils.translation import gettext_lazy as _
 from rest_framework import status
-from rest_framework.exceptions import APIException
+from rest_framework.exceptions import APIException, PermissionDenied
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
+
+from uploads.conf import uploads_settings
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +71,30 @@ class Gone(APIException):
     default_code = "gone"
 
 
+def as_http_error(exc: Exception) -> Exception:
+    """The HTTP answer to an error of the service's own (uploads.services); others unchanged."""
+    from uploads import services  # which imports the exceptions the API raises
+
+    if isinstance(exc, services.TaskStateError):
+        return Conflict(str(exc))
+    if isinstance(exc, services.SpoolFileMissing):
+        return Gone(str(exc))
+    if isinstance(exc, services.NotGranted):
+        return PayloadTooLarge(str(exc)) if exc.too_large else PermissionDenied(str(exc))
+    return exc
+
+
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
-    """DRF's handler, plus: a database that is down or restarting is a 503 to retry, not a 500."""
+    """DRF's handler, plus: the service's own errors get their status here, in one place
+    (a state that forbids the change → 409, a body gone → 410, no grant → 403, too large → 413);
+    a database that is down or restarting is a 503 to retry, not a 500."""
+    exc = as_http_error(exc)
     if isinstance(exc, (OperationalError, InterfaceError)):
         logger.warning("database unavailable: %s", exc)
         response = Response(
             {"detail": "The service's database is unavailable; try again shortly."},
             status=status.HTTP_503_SERVICE_UNAVAILABLE,
-            headers={"Retry-After": "5"},
+            headers={"Retry-After": str(uploads_settings.RETRY_AFTER_SECONDS)},
         )
         return response
     return drf_exception_handler(exc, context)

@@ -342,23 +342,73 @@ def _claim_orm(worker_id: str, limit: int, started: float) -> list[Claim]:
 # --- leases ----------------------------------------------------------------------------------
 
 
+RENEW_SQL = f"""
+UPDATE {TASKS} t
+SET lease_expires_at = statement_timestamp() + %(lease)s * interval '1 second'
+FROM unnest(%(ids)s::uuid[], %(tokens)s::uuid[]) AS held(id, token)
+WHERE t.id = held.id AND t.claim_token = held.token AND t.status = 'running'
+RETURNING t.id, t.claim_token
+"""  # noqa: S608
+
+REAP_SQL = f"""
+WITH expired AS MATERIALIZED (
+    SELECT id, claim_token FROM {TASKS}
+    WHERE status = 'running' AND lease_expires_at < statement_timestamp()
+      AND (id, claim_token) NOT IN (
+          SELECT * FROM unnest(%(ids)s::uuid[], %(tokens)s::uuid[])
+      )
+    FOR UPDATE SKIP LOCKED
+), reaped AS (
+    UPDATE {TASKS} t SET
+        status = CASE WHEN t.attempts >= t.max_attempts THEN 'failed' ELSE 'pending' END,
+        finished_at = CASE WHEN t.attempts >= t.max_attempts THEN statement_timestamp() END,
+        next_attempt_at = statement_timestamp(),
+        last_error = %(error)s,
+        claim_token = NULL,
+        lease_expires_at = NULL
+    FROM expired WHERE t.id = expired.id
+    RETURNING t.id, expired.claim_token AS token
+), attempts AS (
+    UPDATE {ATTEMPTS} a SET outcome = 'lost', error = %(error)s,
+        finished_at = statement_timestamp()
+    FROM reaped WHERE a.task_id = reaped.id AND a.claim_token = reaped.token
+)
+SELECT count(*) FROM reaped
+"""  # noqa: S608
+
+
 def renew(claims: Sequence[Claim]) -> list[Claim]:
     """Extend the leases of these claims; returns those the database no longer holds for us
-    (their task was reaped and maybe claimed again), each marked revoked."""
+    (their task was reaped and maybe claimed again), each marked revoked.
+
+    On PostgreSQL one statement, and so no lock outlives it: a worker paused right after never
+    keeps others from reaping what it held.
+    """
     if not claims:
         return []
     started = time.monotonic()
     by_key = {c.key: c for c in claims}
-    owned = Q()
-    for task_id, token in by_key:
-        owned |= Q(pk=task_id, claim_token=token)
-    with transaction.atomic():
-        renewed_rows = UploadTask.objects.filter(owned, status=Status.RUNNING)
-        renewed = {
-            (_uuid(pk), _uuid(token))
-            for pk, token in renewed_rows.values_list("pk", "claim_token").select_for_update()
-        }
-        renewed_rows.update(lease_expires_at=Now() + _lease())
+    if _postgresql():
+        with connection.cursor() as cursor:
+            cursor.execute(
+                RENEW_SQL,
+                {
+                    "lease": float(uploads_settings.LEASE_SECONDS),
+                    "ids": [task_id for task_id, _ in by_key],
+                    "tokens": [token for _, token in by_key],
+                },
+            )
+            renewed = {(_uuid(pk), _uuid(token)) for pk, token in cursor.fetchall()}
+    else:
+        owned = Q()
+        for task_id, token in by_key:
+            owned |= Q(pk=task_id, claim_token=token)
+        with transaction.atomic():
+            rows = UploadTask.objects.filter(owned, status=Status.RUNNING)
+            renewed = {
+                (_uuid(pk), _uuid(token)) for pk, token in rows.values_list("pk", "claim_token")
+            }
+            rows.update(lease_expires_at=Now() + _lease())
     lost = []
     for key, held in by_key.items():
         if key in renewed:
@@ -372,7 +422,28 @@ def renew(claims: Sequence[Claim]) -> list[Claim]:
 def reap(*, holding: Iterable[tuple[uuid.UUID, uuid.UUID]] = ()) -> int:
     """Requeue tasks whose lease expired (their worker died or stalled), or fail those out of
     attempts. Claims the calling worker still holds are never reaped: it is still pushing them
-    and will stop on its own if it cannot renew them. Safe to run from any number of workers."""
+    and will stop on its own if it cannot renew them. Safe to run from any number of workers;
+    on PostgreSQL one statement, holding no lock beyond it."""
+    holding = list(holding)
+    if _postgresql():
+        with connection.cursor() as cursor:
+            cursor.execute(
+                REAP_SQL,
+                {
+                    "ids": [task_id for task_id, _ in holding],
+                    "tokens": [token for _, token in holding],
+                    "error": LOST_ERROR,
+                },
+            )
+            reaped = int(cursor.fetchone()[0])
+    else:
+        reaped = _reap_orm(holding)
+    if reaped:
+        logger.warning("requeued %d task(s) whose worker lease expired", reaped)
+    return reaped
+
+
+def _reap_orm(holding: list[tuple[uuid.UUID, uuid.UUID]]) -> int:
     held = Q()
     for task_id, token in holding:
         held |= Q(pk=task_id, claim_token=token)
@@ -381,9 +452,7 @@ def reap(*, holding: Iterable[tuple[uuid.UUID, uuid.UUID]] = ()) -> int:
         expired = UploadTask.objects.filter(status=Status.RUNNING, lease_expires_at__lt=Now())
         if held:
             expired = expired.exclude(held)
-        for pk, lost_token in expired.select_for_update(skip_locked=True).values_list(
-            "pk", "claim_token"
-        ):
+        for pk, lost_token in expired.values_list("pk", "claim_token"):
             owned = UploadTask.objects.filter(pk=pk, status=Status.RUNNING, claim_token=lost_token)
             out_of_attempts = Q(attempts__gte=F("max_attempts"))
             updated = owned.update(
@@ -401,8 +470,6 @@ def reap(*, holding: Iterable[tuple[uuid.UUID, uuid.UUID]] = ()) -> int:
                     outcome=Outcome.LOST, error=LOST_ERROR, finished_at=Now()
                 )
                 reaped += 1
-    if reaped:
-        logger.warning("requeued %d task(s) whose worker lease expired", reaped)
     return reaped
 
 

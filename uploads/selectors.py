@@ -128,8 +128,9 @@ def queue_summary() -> QueueSummary:
 @dataclass(frozen=True)
 class UploadPermission:
     allowed: bool
-    status: int = 200
     reason: str = ""
+    # Refused only for the file's size (the rest would be allowed).
+    too_large: bool = False
     # The granted directories the file must really land in (after the instance's symlinks),
     # or None when the user may write anywhere in the instance (a superuser, or a grant
     # without path prefixes).
@@ -226,7 +227,7 @@ def check_grants(
         and fnmatchcase(instance, glob_instance)
     ]
     if not matching:
-        return UploadPermission(False, 403, f"you have no grant for instance '{target}'")
+        return UploadPermission(False, f"you have no grant for instance '{target}'")
     on_path = [
         grant
         for grant in matching
@@ -237,13 +238,11 @@ def check_grants(
         if path in granted:
             return UploadPermission(
                 False,
-                403,
                 f"{path} is a directory granted to you in '{instance}', not a file: "
                 "name a file inside it",
             )
         return UploadPermission(
             False,
-            403,
             f"{path} is outside the directories granted in '{instance}': {', '.join(granted)}",
         )
     as_owner = [grant for grant in on_path if owners_allow(grant[1], uid, gid)]
@@ -254,7 +253,6 @@ def check_grants(
         allowed = describe_owners(named for _, owners, _ in on_path for named in owners)
         return UploadPermission(
             False,
-            403,
             f"your grants for {path} in '{instance}' do not allow {asked}; owners allowed: "
             f"{allowed}",
         )
@@ -263,8 +261,8 @@ def check_grants(
         largest = max(max_size or 0 for _, _, max_size in as_owner)
         return UploadPermission(
             False,
-            413,
             f"the file is {size} bytes; your grant for '{instance}' allows at most {largest}",
+            too_large=True,
         )
     if any(not prefixes for prefixes, _, _ in fitting):
         return UploadPermission(True)

@@ -52,7 +52,12 @@ class DuplicateUpload(Exception):
 
 
 class NotGranted(Exception):
-    """No grant lets the task's owner write there (any more)."""
+    """No grant lets the task's owner write there (any more); `too_large` when only the size
+    stands in the way."""
+
+    def __init__(self, reason: str, *, too_large: bool = False) -> None:
+        super().__init__(reason)
+        self.too_large = too_large
 
 
 def upload_create(
@@ -180,7 +185,7 @@ def _check_retryable(task: UploadTask) -> None:
         raise SpoolFileMissing("the uploaded file is no longer on the server; upload it again")
     permission = task_permission(task)
     if not permission.allowed:
-        raise NotGranted(permission.reason)
+        raise NotGranted(permission.reason, too_large=permission.too_large)
 
 
 def upload_cancel(
