@@ -286,9 +286,27 @@ class TestReading:
         ]
         assert api.get(URL, {"status": "lost"}).status_code == 400
 
-    def test_unknown_or_malformed_id_is_404(self, api: APIClient) -> None:
-        assert api.get(f"{URL}00000000-0000-0000-0000-000000000000/").status_code == 404
-        assert api.get(f"{URL}not-a-uuid/").status_code == 404
+    def test_unknown_or_malformed_id_is_404_in_json(self, api: APIClient) -> None:
+        for url in (f"{URL}00000000-0000-0000-0000-000000000000/", f"{URL}not-a-uuid/", "/api/no"):
+            response = api.get(url)
+            assert response.status_code == 404
+            assert response["Content-Type"] == "application/json"
+            assert "detail" in response.json()
+        assert "html" in api.get("/admin/no-such-page/").get("Content-Type", "")
+
+
+class TestBearer:
+    def test_a_token_may_come_as_bearer(self, user: Any) -> None:
+        from rest_framework.authtoken.models import Token
+
+        key = Token.objects.create(user=user).key
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+        assert client.get(URL).status_code == 200
+        assert raw_upload(client).status_code == 202
+        client.credentials(HTTP_AUTHORIZATION="Bearer not-a-token")
+        assert client.get(URL).status_code == 401
+        assert raw_upload(client).status_code == 401
 
 
 class TestOwnership:

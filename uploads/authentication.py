@@ -1,12 +1,13 @@
 """Token authentication with an optional lifetime (UPLOADS['TOKEN_TTL_SECONDS']), and the
 variant uploads use, which keeps tokens in the process (uploads.access)."""
 
+import copy
 from datetime import timedelta
 from typing import Any
 
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
-from rest_framework.authentication import TokenAuthentication
+from rest_framework.authentication import TokenAuthentication, get_authorization_header
 from rest_framework.exceptions import AuthenticationFailed
 
 from uploads import access
@@ -14,10 +15,19 @@ from uploads.conf import uploads_settings
 
 
 class ExpiringTokenAuthentication(TokenAuthentication):
-    """DRF's token, refused once older than the configured lifetime.
+    """DRF's token, refused once older than the configured lifetime, sent as
+    `Authorization: Token <key>` or, as most API clients do, `Authorization: Bearer <key>`.
 
     Revoking is deleting the token (admin, or `manage.py drf_create_token -r USER` to replace it).
     """
+
+    def authenticate(self, request: Any) -> tuple[Any, Any] | None:
+        scheme = get_authorization_header(request).split()[:1]
+        if scheme and scheme[0].lower() == b"bearer":
+            bearer = copy.copy(self)
+            bearer.keyword = "Bearer"
+            return TokenAuthentication.authenticate(bearer, request)
+        return super().authenticate(request)
 
     def authenticate_credentials(self, key: str) -> tuple[Any, Any]:
         user, token = super().authenticate_credentials(key)

@@ -4,7 +4,9 @@ import logging
 from typing import Any
 
 from django.db import InterfaceError, OperationalError
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.translation import gettext_lazy as _
+from django.views import defaults
 from rest_framework import status
 from rest_framework.exceptions import APIException, PermissionDenied
 from rest_framework.response import Response
@@ -98,3 +100,20 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         )
         return response
     return drf_exception_handler(exc, context)
+
+
+def not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """Django's 404 page, but JSON under /api/, where every answer is JSON (an id that is not
+    one, a URL that names nothing)."""
+    if request.path.startswith("/api/"):
+        return JsonResponse({"detail": "Not found."}, status=status.HTTP_404_NOT_FOUND)
+    return defaults.page_not_found(request, exception)
+
+
+def server_error(request: HttpRequest) -> HttpResponse:
+    if request.path.startswith("/api/"):
+        return JsonResponse(
+            {"detail": "The server failed to answer; the error is logged."},
+            status=status.HTTP_500_INTERNAL_SERVER_ERROR,
+        )
+    return defaults.server_error(request)

@@ -14,3 +14,7 @@ urlpatterns = [
     path("healthz", healthz, name="healthz"),
     path("metrics", metrics_view, name="metrics"),
 ]
+
+# Every answer under /api/ is JSON, a 404 or a 500 too.
+handler404 = "uploads.exceptions.not_found"
+handler500 = "uploads.exceptions.server_error"
