@@ -133,6 +133,25 @@ def test_a_grant_without_owners_allows_no_owner_and_star_allows_any(carol_api: A
     assert raw_upload(carol_api, x_file_uid="0", x_file_gid="0").status_code == 202
 
 
+def test_a_retry_s_corrections_are_checked_against_the_grants(
+    carol: Any, carol_api: APIClient
+) -> None:
+    grant("carol", "web1", "--path-prefix", "/srv/app", "--owner", "1000")
+    task_id = raw_upload(carol_api, x_file_path="/srv/app/f").json()["id"]
+    UploadTask.objects.filter(pk=task_id).update(status=Status.FAILED)
+    refused = carol_api.post(f"/api/uploads/{task_id}/retry/", {"uid": 0}, format="json")
+    assert refused.status_code == 403
+    assert "do not allow uid 0" in refused.json()["detail"]
+    task = UploadTask.objects.get(pk=task_id)
+    assert (task.status, task.uid) == (Status.FAILED, None)
+    bad = carol_api.post(f"/api/uploads/{task_id}/retry/", {"mode": "rw-r--r--"}, format="json")
+    assert bad.status_code == 400 and "octal" in bad.json()["mode"][0]
+    allowed = carol_api.post(f"/api/uploads/{task_id}/retry/", {"uid": 1000}, format="json")
+    assert allowed.status_code == 200 and allowed.json()["uid"] == 1000
+    refusal = AuditEvent.objects.get(action="retry", outcome="refused")
+    assert refusal.detail["changes"] == {"uid": 0}
+
+
 def test_grant_container_refuses_a_malformed_owner() -> None:
     with pytest.raises(CommandError, match="'root' is not an owner"):
         grant("alice", "web1", "--owner", "root")

@@ -31,7 +31,7 @@ from tests.incus_utils import (
     unique_dir,
 )
 from uploads.incus import IncusPusher
-from uploads.models import Outcome, Status, UploadAttempt, UploadTask
+from uploads.models import AuditEvent, Outcome, Status, UploadAttempt, UploadTask
 from uploads.selectors import body_kept
 from uploads.worker import Worker
 
@@ -178,6 +178,29 @@ def test_missing_parent_fails_without_create_dirs_and_lands_with_it(
     assert stat_in(RUNNING, f"{workdir}/a")[:2] == ("755", 1000)
     assert stat_in(RUNNING, f"{workdir}/a/b")[:2] == ("755", 1000)
     assert run_in(RUNNING, "cat", path) == "deep"
+
+
+def test_a_retry_may_correct_create_dirs_and_the_owner_without_sending_the_file_again(
+    api: APIClient, workdir: str
+) -> None:
+    path = f"{workdir}/x/y.conf"
+    failed = upload(api, b"config\n", RUNNING, path)
+    run_worker()
+    assert task_of(failed).status == Status.FAILED
+    response = api.post(
+        f"/api/uploads/{failed['id']}/retry/",
+        {"create_dirs": True, "mode": "0640", "uid": 1000, "gid": 1000},
+        format="json",
+    )
+    assert response.status_code == 200, response.content
+    assert (response.json()["create_dirs"], response.json()["mode"]) == (True, "0640")
+    run_worker()
+    task = task_of(failed)
+    assert task.status == Status.SUCCEEDED and task.attempts == 2
+    assert stat_in(RUNNING, path) == ("640", 1000, 1000, 7)
+    assert run_in(RUNNING, "cat", path) == "config\n"
+    event = AuditEvent.objects.get(action="retry", outcome="done")
+    assert event.detail["changes"] == {"create_dirs": True, "mode": 0o640, "uid": 1000, "gid": 1000}
 
 
 def test_destination_that_is_a_directory_fails_permanently(api: APIClient, workdir: str) -> None:

@@ -25,7 +25,7 @@ from rest_framework.exceptions import (
     UnsupportedMediaType,
     ValidationError,
 )
-from rest_framework.parsers import BaseParser, MultiPartParser
+from rest_framework.parsers import BaseParser, FormParser, JSONParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -47,6 +47,7 @@ from uploads.exceptions import (
 )
 from uploads.models import UploadTask
 from uploads.serializers import (
+    RetryChangesSerializer,
     UploadListQuerySerializer,
     UploadTaskSerializer,
     parse_upload_params,
@@ -626,13 +627,29 @@ class UploadViewSet(
         _verify_digest(params, spooled)
 
     @extend_schema(
-        request=None,
-        responses={200: UploadTaskSerializer, 409: OpenApiResponse(), 410: OpenApiResponse()},
+        request=RetryChangesSerializer,
+        responses={
+            200: UploadTaskSerializer,
+            400: OpenApiResponse(description="A correction is not valid."),
+            403: OpenApiResponse(description="No grant allows the upload (as corrected)."),
+            404: OpenApiResponse(description="No such upload of yours."),
+            409: OpenApiResponse(description="Only failed or cancelled uploads are retried."),
+            410: OpenApiResponse(description="The uploaded file is gone: upload it again."),
+        },
     )
-    @action(detail=True, methods=["post"])
+    @action(detail=True, methods=["post"], parser_classes=[JSONParser, FormParser])
     def retry(self, request: Request, pk: str | None = None) -> Response:
+        """Queue a failed or cancelled upload again, optionally correcting create_dirs, mode,
+        uid or gid (checked against your grants as for a new upload)."""
         task = self._changeable_object()
-        task = services.upload_retry(task=task, actor=request.user, source=_source(request))
+        corrections = RetryChangesSerializer(data=request.data)
+        corrections.is_valid(raise_exception=True)
+        task = services.upload_retry(
+            task=task,
+            actor=request.user,
+            source=_source(request),
+            changes=dict(corrections.validated_data),
+        )
         return Response(self.get_serializer(task).data)
 
     @extend_schema(request=None, responses={200: UploadTaskSerializer, 409: OpenApiResponse()})

@@ -44,6 +44,19 @@ def clean_path(value: str) -> str:
     return cleaned
 
 
+def parse_mode(value: str | None) -> int | None:
+    """An octal file mode as a client writes it ("0644", "644", "0o644"), None when not given."""
+    if value is None or value == "":
+        return None
+    match = OCTAL_MODE.match(value.strip())
+    if not match:
+        raise serializers.ValidationError(
+            _("'%(mode)s' is not an octal file mode between 0000 and 7777, e.g. 0644.")
+            % {"mode": value}
+        )
+    return int(match.group(1), 8)
+
+
 class UploadParamsSerializer(serializers.Serializer[dict[str, Any]]):
     """What a client says about an upload, from either the raw form's headers or form fields."""
 
@@ -106,15 +119,7 @@ class UploadParamsSerializer(serializers.Serializer[dict[str, Any]]):
         return posixpath.basename(value.replace("\\", "/").replace("\x00", ""))[:255]
 
     def validate_mode(self, value: str | None) -> int | None:
-        if value is None or value == "":
-            return None
-        match = OCTAL_MODE.match(value.strip())
-        if not match:
-            raise serializers.ValidationError(
-                _("'%(mode)s' is not an octal file mode between 0000 and 7777, e.g. 0644.")
-                % {"mode": value}
-            )
-        return int(match.group(1), 8)
+        return parse_mode(value)
 
 
 def parse_upload_params(data: dict[str, Any]) -> dict[str, Any]:
@@ -188,14 +193,13 @@ def _plain_params(data: dict[str, Any]) -> dict[str, Any] | None:
     sha256 = data.get("sha256")
     if sha256 is not None and (not isinstance(sha256, str) or not _PLAIN_SHA256.match(sha256)):
         return None
-    octal = OCTAL_MODE.match(mode) if mode is not None else None
     return {
         "container": container,
         "path": cleaned_path,
         "project": project if project is not None else "default",
         "remote": remote if remote is not None else "local",
         "filename": posixpath.basename(filename.replace("\\", "/"))[:255] if filename else "",
-        "mode": int(octal.group(1), 8) if octal else None,
+        "mode": parse_mode(mode),
         "uid": ids["uid"],
         "gid": ids["gid"],
         "create_dirs": create,
@@ -283,6 +287,18 @@ class UploadTaskSerializer(serializers.ModelSerializer[UploadTask]):
 
     def get_url(self, obj: UploadTask) -> str:
         return reverse("upload-detail", args=[obj.pk], request=self.context.get("request"))
+
+
+class RetryChangesSerializer(serializers.Serializer[dict[str, Any]]):
+    """What a retry may correct about how the file is written; anything not given is kept."""
+
+    create_dirs = serializers.BooleanField(required=False)
+    mode = serializers.CharField(required=False, allow_null=True, help_text="octal, e.g. 0644")
+    uid = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=MAX_ID)
+    gid = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=MAX_ID)
+
+    def validate_mode(self, value: str | None) -> int | None:
+        return parse_mode(value)
 
 
 class UploadListQuerySerializer(serializers.Serializer[dict[str, Any]]):

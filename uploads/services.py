@@ -136,14 +136,28 @@ def upload_create(
     return task
 
 
+RETRY_CHANGES = ("create_dirs", "mode", "uid", "gid")
+
+
 def upload_retry(
-    *, task: UploadTask, actor: Any = None, source: str | None = None, via: str = "api"
+    *,
+    task: UploadTask,
+    actor: Any = None,
+    source: str | None = None,
+    via: str = "api",
+    changes: dict[str, Any] | None = None,
 ) -> UploadTask:
     """Failed or cancelled → pending now, with at least one more attempt; history is kept.
 
-    Audited either way: done, or refused with the reason.
+    `changes` corrects how the file is to be written (create_dirs, mode, uid, gid; None clears
+    mode, uid or gid): the upload failed for want of create_dirs, say, and need not be sent
+    again. They are checked against the owner's grants like a new upload's. Audited either
+    way: done (with the changes), or refused with the reason.
     """
+    changes = {name: value for name, value in (changes or {}).items() if name in RETRY_CHANGES}
     try:
+        for name, value in changes.items():
+            setattr(task, name, value)
         _check_retryable(task)
         with transaction.atomic():
             updated = UploadTask.objects.filter(
@@ -153,11 +167,18 @@ def upload_retry(
                 next_attempt_at=Now(),
                 finished_at=None,
                 max_attempts=Greatest(F("max_attempts"), F("attempts") + 1),
+                **changes,
             )
             if not updated:
                 raise TaskStateError("the upload changed state meanwhile; reload it")
             audit(
-                action="retry", outcome="done", user=actor, source=source, task_id=task.pk, via=via
+                action="retry",
+                outcome="done",
+                user=actor,
+                source=source,
+                task_id=task.pk,
+                via=via,
+                **({"changes": changes} if changes else {}),
             )
             transaction.on_commit(queue.notify_workers, robust=True)
     except (TaskStateError, SpoolFileMissing, NotGranted) as exc:
@@ -169,6 +190,7 @@ def upload_retry(
             task_id=task.pk,
             via=via,
             reason=str(exc),
+            **({"changes": changes} if changes else {}),
         )
         raise
     task.refresh_from_db()
