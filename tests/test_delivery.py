@@ -392,6 +392,14 @@ def test_missing_instance_fails_permanently(pusher: IncusPusher, tmp_path: Path)
     assert failure.value.message == f"instance '{name}' not found in project 'default'"
 
 
+def test_a_missing_project_is_named_as_such(pusher: IncusPusher, tmp_path: Path) -> None:
+    with pytest.raises(PermanentPushError) as failure:
+        push(pusher, tmp_path, b"x", "/root/x", project="uploadsvc-no-such-project")
+    assert failure.value.message == (
+        "project 'uploadsvc-no-such-project' does not exist on remote 'local'"
+    )
+
+
 def test_destination_that_is_a_directory_fails_permanently(
     pusher: IncusPusher, tmp_path: Path, workdir: str
 ) -> None:

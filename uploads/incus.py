@@ -891,15 +891,16 @@ class IncusPusher:
             return f"cannot reach Incus at {self.endpoint}: {exc}"
         return None
 
-    def _instance_api(self, name: str) -> Any:
-        return self.client().api.instances[name]
-
-    def instance_exists(self, name: str, project: str) -> bool:
+    def _project_missing(self, project: str) -> bool:
+        """Whether Incus says the project does not exist (to tell a missing project from a
+        missing instance: both answer 404 to the SFTP request). False when it cannot tell."""
         try:
-            self._instance_api(name).get(params={"project": project})
+            self.client().api.projects[project].get()
         except NotFound:
+            return True
+        except (PushError, LXDAPIException, requests.RequestException, OSError):
             return False
-        return True
+        return False
 
     # --- SFTP sessions ------------------------------------------------------------------
 
@@ -964,6 +965,10 @@ class IncusPusher:
         except UpgradeRefused as exc:
             detail = _error_detail(exc.body, exc.reason)
             if exc.status == 404:
+                if self._project_missing(req.project):
+                    raise PermanentPushError(
+                        f"project '{req.project}' does not exist on remote '{req.remote}'"
+                    ) from exc
                 raise PermanentPushError(
                     f"instance '{req.instance}' not found in project '{req.project}'"
                 ) from exc
