@@ -455,6 +455,16 @@ class TestSchema:
         assert schema.status_code == 200
         paths = schema.json()["paths"]
         assert "/api/uploads/" in paths and "/api/uploads/{id}/retry/" in paths
+        upload = paths["/api/uploads/"]["post"]
+        form = upload["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+        assert {"file", "container", "path", "mode", "uid", "gid", "create_dirs"} <= set(form)
+        assert {"project", "remote", "sha256"} <= set(form)
+        statuses = {"202", "400", "401", "403", "408", "411", "413", "415", "422", "503", "507"}
+        assert set(upload["responses"]) == statuses
+        retry = paths["/api/uploads/{id}/retry/"]["post"]
+        assert {"200", "403", "404", "409", "410"} <= set(retry["responses"])
+        wait = paths["/api/uploads/{id}/"]["get"]["parameters"]
+        assert "wait" in {p["name"] for p in wait}
         docs = api.get("/api/docs/")
         assert docs.status_code == 200
         assert b"cdn.jsdelivr" not in docs.content  # assets are served locally

@@ -139,6 +139,22 @@ RAW_UPLOAD_PARAMETERS = [
 ]
 
 
+# What each error status of the upload means (the README's table, for the OpenAPI schema).
+ERRORS = {
+    400: "A missing or invalid parameter (the body names the field), a multipart body without "
+    "`file`, a body shorter than its Content-Length, or a digest that does not match.",
+    401: "No, bad, revoked or expired credentials.",
+    403: "No grant lets you write there.",
+    408: "The client stopped sending the body.",
+    411: "No Content-Length and a body the server cannot read as chunked.",
+    413: "Larger than the server or your grant accepts (answered before the body is read).",
+    415: "A form-encoded or JSON body.",
+    422: "An Idempotency-Key already used for an upload to a different destination.",
+    503: "Too many uploads waiting, or the database is unavailable (see Retry-After).",
+    507: "No room on the spool's filesystem.",
+}
+
+
 class RawBodyParser(BaseParser):
     """Claims every non-multipart body without reading it: the view streams it to the spool.
 
@@ -441,11 +457,28 @@ class UploadViewSet(
                     "gid": {"type": "integer"},
                     "create_dirs": {"type": "boolean"},
                     "project": {"type": "string"},
+                    "remote": {"type": "string"},
+                    "sha256": {
+                        "type": "string",
+                        "description": "Hex SHA-256 of the file (a mismatch is refused)",
+                    },
                 },
                 "required": ["file", "container", "path"],
             },
         },
-        responses={202: UploadTaskSerializer},
+        responses={
+            202: UploadTaskSerializer,
+            400: OpenApiResponse(description=ERRORS[400]),
+            401: OpenApiResponse(description=ERRORS[401]),
+            403: OpenApiResponse(description=ERRORS[403]),
+            408: OpenApiResponse(description=ERRORS[408]),
+            411: OpenApiResponse(description=ERRORS[411]),
+            413: OpenApiResponse(description=ERRORS[413]),
+            415: OpenApiResponse(description=ERRORS[415]),
+            422: OpenApiResponse(description=ERRORS[422]),
+            503: OpenApiResponse(description=ERRORS[503]),
+            507: OpenApiResponse(description=ERRORS[507]),
+        },
     )
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         try:
@@ -652,7 +685,15 @@ class UploadViewSet(
         )
         return Response(self.get_serializer(task).data)
 
-    @extend_schema(request=None, responses={200: UploadTaskSerializer, 409: OpenApiResponse()})
+    @extend_schema(
+        request=None,
+        responses={
+            200: UploadTaskSerializer,
+            403: OpenApiResponse(description="You may see this upload but not change it."),
+            404: OpenApiResponse(description="No such upload of yours."),
+            409: OpenApiResponse(description="Only pending uploads are cancelled."),
+        },
+    )
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, pk: str | None = None) -> Response:
         task = self._changeable_object()
