@@ -670,7 +670,7 @@ class UploadViewSet(
             410: OpenApiResponse(description="The uploaded file is gone: upload it again."),
         },
     )
-    @action(detail=True, methods=["post"], parser_classes=[JSONParser, FormParser])
+    @action(detail=True, methods=["post"], parser_classes=[JSONParser, FormParser, MultiPartParser])
     def retry(self, request: Request, pk: str | None = None) -> Response:
         """Queue a failed or cancelled upload again, optionally correcting create_dirs, mode,
         uid or gid (checked against your grants as for a new upload)."""

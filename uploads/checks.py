@@ -1,17 +1,39 @@
-"""System checks: catch a misconfigured spool or pusher at start-up, not at the first upload."""
+"""System checks: catch a misconfiguration at start-up, not at the first upload -- the spool,
+the pusher, the UPLOADS values, and what the upload path relies on from the project's settings."""
 
 import os
 from typing import Any
 
+from django.conf import settings
+from django.core import checks
 from django.core.checks import CheckMessage, Error, register
+from django.db import connections
 from django.utils.module_loading import import_string
 
-from uploads.conf import uploads_settings
+from uploads.conf import DEFINITIONS, parse, uploads_settings
+from uploads.pushers import pusher_class
+
+EXCEPTION_HANDLER = "uploads.exceptions.exception_handler"
 
 
 @register()
 def check_uploads_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     errors: list[CheckMessage] = []
+    configured = getattr(settings, "UPLOADS", {})
+    for name in sorted(set(configured) - set(DEFINITIONS)):
+        errors.append(
+            checks.Warning(
+                f"UPLOADS['{name}'] (UPLOADS_{name}) is not a setting of uploadsvc; it is ignored",
+                id="uploads.W001",
+            )
+        )
+    for name in sorted(set(configured) & set(DEFINITIONS)):
+        try:
+            parse(name, configured[name])
+        except ValueError as exc:
+            errors.append(Error(str(exc), id="uploads.E005"))
+    if any(e.id == "uploads.E005" for e in errors):
+        return errors  # the checks below would read the values that do not parse
     spool = uploads_settings.spool_dir
     try:
         spool.mkdir(parents=True, exist_ok=True)
@@ -23,9 +45,62 @@ def check_uploads_settings(app_configs: Any = None, **kwargs: Any) -> list[Check
         if not os.access(spool, os.W_OK):
             errors.append(Error(f"UPLOADS['SPOOL_DIR'] {spool} is not writable", id="uploads.E002"))
     try:
-        import_string(uploads_settings.PUSHER)
+        pusher_class()
     except ImportError as exc:
         errors.append(Error(f"UPLOADS['PUSHER'] cannot be imported: {exc}", id="uploads.E003"))
     if uploads_settings.MAX_ATTEMPTS < 1:
         errors.append(Error("UPLOADS['MAX_ATTEMPTS'] must be at least 1", id="uploads.E004"))
     return errors
+
+
+@register()
+def check_what_uploads_rely_on(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """The project settings the upload path needs: without them it would still run, wrongly."""
+    errors: list[CheckMessage] = []
+    for alias in connections:
+        params = connections[alias].settings_dict
+        mode = params.get("OPTIONS", {}).get("transaction_mode")
+        if params["ENGINE"].endswith("sqlite3") and mode != "IMMEDIATE":
+            errors.append(
+                Error(
+                    f"DATABASES['{alias}'] is SQLite without OPTIONS['transaction_mode'] = "
+                    "'IMMEDIATE': concurrent claims would fail with 'database is locked'",
+                    id="uploads.E006",
+                )
+            )
+    handler = getattr(settings, "REST_FRAMEWORK", {}).get("EXCEPTION_HANDLER")
+    if handler != EXCEPTION_HANDLER:
+        errors.append(
+            Error(
+                f"REST_FRAMEWORK['EXCEPTION_HANDLER'] must be {EXCEPTION_HANDLER!r}: it gives the "
+                "service's errors their statuses (409, 410, 403, 503)",
+                id="uploads.E007",
+            )
+        )
+    if any("SpoolUploadHandler" in str(h) for h in getattr(settings, "FILE_UPLOAD_HANDLERS", [])):
+        errors.append(
+            checks.Warning(
+                "FILE_UPLOAD_HANDLERS names uploads.spool.SpoolUploadHandler: every form posted "
+                "anywhere would be spooled; the upload view installs it for uploads only",
+                id="uploads.W002",
+            )
+        )
+    return errors
+
+
+@register(deploy=True)
+def check_the_wsgi_application(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """The WSGI application must count body bytes (a truncated multipart upload would otherwise
+    be kept as if whole). Loading it has a cost, so `check --deploy` looks, not every command."""
+    from uploads.wsgi import BodyCountingMiddleware
+
+    wsgi_path = getattr(settings, "WSGI_APPLICATION", None)
+    if wsgi_path and not isinstance(import_string(wsgi_path), BodyCountingMiddleware):
+        return [
+            Error(
+                f"{wsgi_path} is not wrapped in uploads.wsgi.BodyCountingMiddleware: a truncated "
+                "multipart upload would be kept as if it were whole",
+                id="uploads.E008",
+            )
+        ]
+    return []

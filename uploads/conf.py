@@ -1,9 +1,16 @@
-"""The app's settings: one namespaced `UPLOADS` dict with defaults, read lazily.
+"""The app's settings: one namespaced `UPLOADS` dict, read lazily; this module is the one place
+that knows each setting's default, type and meaning.
 
 Modelled on DRF's `api_settings`: values are looked up on first use, never at import time, and
-the cache is dropped on `setting_changed` so tests can override them.
+the cache is dropped on `setting_changed` so tests can override them. The project's settings set
+only what the environment says (any `UPLOADS_<NAME>` variable sets `<NAME>`), so a value may come
+as text: it is parsed into the setting's type here, and `uploads.checks` reports one that does not
+parse (or a name that is not a setting) when the service starts.
 """
 
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,49 +18,91 @@ from django.conf import settings
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
-DEFAULTS: dict[str, Any] = {
-    # Where uploads wait for their push; one file per task, named by the task id.
-    "SPOOL_DIR": Path("var/spool"),
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"'{text}' is not true or false")
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.strip() == "" else int(text)
+
+
+def _optional_json(text: str) -> Any:
+    return None if text.strip() == "" else json.loads(text)
+
+
+@dataclass(frozen=True)
+class Setting:
+    default: Any
+    # Turns the text of an environment variable into the setting's value.
+    parse: Callable[[str], Any]
+
+
+DEFINITIONS: dict[str, Setting] = {
+    # Where uploads wait for their push; one file per task, named by the task id. None: var/spool
+    # beside the project (a relative path is taken from there too).
+    "SPOOL_DIR": Setting(None, Path),
     # Largest body accepted, in bytes (413 above it, before the body is read).
-    "MAX_UPLOAD_SIZE": 10 * 1024**3,
+    "MAX_UPLOAD_SIZE": Setting(10 * 1024**3, int),
     # Free space that must remain on the spool's filesystem after an upload (else 507).
-    "SPOOL_RESERVE_BYTES": 64 * 1024**2,
+    "SPOOL_RESERVE_BYTES": Setting(64 * 1024**2, int),
     # Pending tasks at most; beyond it uploads get 503 with Retry-After.
-    "MAX_PENDING": 10_000,
-    "RETRY_AFTER_SECONDS": 30,
+    "MAX_PENDING": Setting(10_000, int),
+    # Seconds a client is told to wait (Retry-After) when the queue is full or the database away.
+    "RETRY_AFTER_SECONDS": Setting(30, int),
     # The Incus API: a unix socket path or an https:// URL.
-    "INCUS_ENDPOINT": "/var/lib/incus/unix.socket",
-    "INCUS_TIMEOUT": 60.0,
+    "INCUS_ENDPOINT": Setting("/var/lib/incus/unix.socket", str),
+    # Seconds to wait for Incus on each request.
+    "INCUS_TIMEOUT": Setting(60.0, float),
     # An SFTP session to an instance stays open this long after a push for the next one to
     # reuse (0: close after each push). An open session holds the instance: `incus start` and
     # a graceful `incus stop` wait for it to close.
-    "SFTP_IDLE_SECONDS": 1.0,
+    "SFTP_IDLE_SECONDS": Setting(1.0, float),
     # Read each pushed file back and compare its SHA-256 (doubles the I/O of a push).
-    "VERIFY_SHA256": False,
+    "VERIFY_SHA256": Setting(False, _bool),
     # Named Incus servers: {"name": {"endpoint": ..., "cert": ..., "key": ..., "verify": ...}}.
     # None means one remote, "local", at INCUS_ENDPOINT.
-    "REMOTES": None,
+    "REMOTES": Setting(None, _optional_json),
     # Dotted path of the pusher class (like EMAIL_BACKEND).
-    "PUSHER": "uploads.incus.IncusPusher",
-    "MAX_ATTEMPTS": 5,
-    "RETRY_BASE_SECONDS": 2.0,
-    "RETRY_MAX_SECONDS": 600.0,
+    "PUSHER": Setting("uploads.incus.IncusPusher", str),
+    # Attempts per task before it fails, and the backoff between them (seconds, with jitter).
+    "MAX_ATTEMPTS": Setting(5, int),
+    "RETRY_BASE_SECONDS": Setting(2.0, float),
+    "RETRY_MAX_SECONDS": Setting(600.0, float),
     # How long a claim stays valid without a heartbeat.
-    "LEASE_SECONDS": 60.0,
+    "LEASE_SECONDS": Setting(60.0, float),
     # Lifetime of API tokens in seconds; None for tokens that never expire.
-    "TOKEN_TTL_SECONDS": None,
+    "TOKEN_TTL_SECONDS": Setting(None, _optional_int),
     # Seconds a client may go without sending body bytes before the upload is abandoned (408).
-    "BODY_READ_TIMEOUT": 60.0,
+    "BODY_READ_TIMEOUT": Setting(60.0, float),
     # Bodies up to this size travel in their task's row instead of a spool file: one INSERT
     # makes them durable (no file to create, fsync and rename).
-    "INLINE_MAX_BYTES": 64 * 1024,
+    "INLINE_MAX_BYTES": Setting(64 * 1024, int),
     # Requests one web process lets wait for a task to finish (`?wait=`) at a time: each holds
     # a server thread, so keep it well below the server's threads per process. Beyond it, a
     # request is answered at once with the task as it is (and Retry-After).
-    "MAX_WAITERS": 2,
+    "MAX_WAITERS": Setting(2, int),
     # Size of the chunks read from the request and written to the spool.
-    "CHUNK_SIZE": 1024 * 1024,
+    "CHUNK_SIZE": Setting(1024 * 1024, int),
 }
+
+DEFAULTS: dict[str, Any] = {name: setting.default for name, setting in DEFINITIONS.items()}
+
+
+def parse(name: str, value: Any) -> Any:
+    """A setting's value in its type: text (from the environment) is parsed, anything else is
+    taken as given. ValueError when the text does not parse."""
+    if isinstance(value, str):
+        try:
+            return DEFINITIONS[name].parse(value)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"UPLOADS['{name}'] = {value!r}: {exc}") from exc
+    return value
 
 
 class UploadsSettings:
@@ -61,16 +110,18 @@ class UploadsSettings:
         self._cache: dict[str, Any] = {}
 
     def __getattr__(self, name: str) -> Any:
-        if name not in DEFAULTS:
+        if name not in DEFINITIONS:
             raise AttributeError(f"Invalid UPLOADS setting: {name!r}")
         if name not in self._cache:
             user = getattr(settings, "UPLOADS", {})
-            self._cache[name] = user.get(name, DEFAULTS[name])
+            self._cache[name] = parse(name, user.get(name, DEFINITIONS[name].default))
         return self._cache[name]
 
     @property
     def spool_dir(self) -> Path:
-        return Path(self.SPOOL_DIR)
+        base = Path(getattr(settings, "BASE_DIR", Path.cwd()))
+        configured = self.SPOOL_DIR
+        return base / "var" / "spool" if configured is None else base / Path(configured)
 
     @property
     def remotes(self) -> dict[str, dict[str, Any]]:
@@ -88,5 +139,5 @@ uploads_settings = UploadsSettings()
 
 @receiver(setting_changed)
 def _reload_uploads_settings(*, setting: str, **kwargs: Any) -> None:
-    if setting == "UPLOADS":
+    if setting in ("UPLOADS", "BASE_DIR"):
         uploads_settings.reload()

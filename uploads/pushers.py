@@ -91,7 +91,12 @@ class NullPusher:
         return None
 
 
+def pusher_class() -> type:
+    """The configured pusher's class (UPLOADS['PUSHER']); ImportError if it cannot be found."""
+    found: type = import_string(uploads_settings.PUSHER)
+    return found
+
+
 def build_pusher() -> Pusher:
-    pusher_class = import_string(uploads_settings.PUSHER)
-    pusher: Pusher = pusher_class()
+    pusher: Pusher = pusher_class()()
     return pusher

@@ -152,22 +152,12 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
 }
 
-UPLOADS = {
-    "SPOOL_DIR": env.path("UPLOADS_SPOOL_DIR", default=VAR_DIR / "spool"),
-    "MAX_UPLOAD_SIZE": env.int("UPLOADS_MAX_UPLOAD_SIZE", default=10 * 1024**3),
-    "SPOOL_RESERVE_BYTES": env.int("UPLOADS_SPOOL_RESERVE_BYTES", default=64 * 1024**2),
-    "MAX_PENDING": env.int("UPLOADS_MAX_PENDING", default=10_000),
-    "INCUS_ENDPOINT": env.str("UPLOADS_INCUS_ENDPOINT", default="/var/lib/incus/unix.socket"),
-    "INCUS_TIMEOUT": env.float("UPLOADS_INCUS_TIMEOUT", default=60.0),
-    "PUSHER": env.str("UPLOADS_PUSHER", default="uploads.incus.IncusPusher"),
-    "MAX_ATTEMPTS": env.int("UPLOADS_MAX_ATTEMPTS", default=5),
-    "RETRY_BASE_SECONDS": env.float("UPLOADS_RETRY_BASE_SECONDS", default=2.0),
-    "RETRY_MAX_SECONDS": env.float("UPLOADS_RETRY_MAX_SECONDS", default=600.0),
-    "LEASE_SECONDS": env.float("UPLOADS_LEASE_SECONDS", default=60.0),
-    "TOKEN_TTL_SECONDS": env.int("UPLOADS_TOKEN_TTL_SECONDS", default=None),
-    "BODY_READ_TIMEOUT": env.float("UPLOADS_BODY_READ_TIMEOUT", default=60.0),
-    "VERIFY_SHA256": env.bool("UPLOADS_VERIFY_SHA256", default=False),
-    "REMOTES": env.json("UPLOADS_REMOTES", default=None),
+# The app's own settings (uploads/conf.py holds each one's default, type and meaning): every
+# UPLOADS_<NAME> variable in the environment sets <NAME>; nothing else is repeated here.
+UPLOADS: dict[str, Any] = {
+    name.removeprefix("UPLOADS_"): value
+    for name, value in os.environ.items()
+    if name.startswith("UPLOADS_")
 }
 
 # Behind HTTPS (set DJANGO_HTTPS=true in production): secure cookies, redirects and HSTS.
