@@ -11,8 +11,7 @@ marked "measured" were measured on Incus 6.0.4 here):
   owner only to new files, the requested mode and owner hold after an overwrite too; what is not
   requested is kept from the old file (0644 root:root for a new one), like `incus file push`.
 - The sibling's size, mode and owner (and, with UPLOADS['VERIFY_SHA256'], its content, read
-  back in 32 KiB reads) are checked before the rename publishes it; the destination is stat'ed
-  after it.
+  back in 32 KiB reads) are checked before the rename publishes it (the rename keeps the inode).
 - A temporary sibling left by a push that died is removed by a later push into the same
   directory once it has not been modified for twice the Incus timeout: a live push modifies
   its own sibling at least that often (every write does; while it reads the file back for
@@ -476,6 +475,9 @@ class _Delivery:
             if self.sweep(directory):
                 self._remove_stale_temps(directory, temp)
             digest = self._write(handle, temp)
+            # Owner and mode in two requests: Incus's SFTP server reads a request that sets both
+            # in another field order than paramiko writes them (measured: the gid became the
+            # owner and the mode the group).
             try:
                 handle.chown(uid, gid)
             except OSError as exc:
@@ -509,7 +511,6 @@ class _Delivery:
         except BaseException:
             self._discard(handle, temp)
             raise
-        self._verify(target, mode, uid, gid)
 
     def _create(self, temp: str, directory: str, *, make_parents: bool) -> Any:
         try:
@@ -727,29 +728,6 @@ class _Delivery:
                 f"expected {mode:04o} and {uid}:{gid}"
             )
         return None
-
-    def _verify(self, target: str, mode: int, uid: int, gid: int) -> None:
-        """Stat the destination after the rename.
-
-        What the rename published was checked on the sibling itself just before it, and the
-        rename replaces the path atomically. So a difference found here means another writer
-        changed the path in between, typically a concurrent push to the same path renaming over
-        ours (measured: 22 of 90 pushes when three threads push one path). That is no failure
-        of this push: retrying it would put this upload back over the newer one.
-        """
-        try:
-            attrs = self.sftp.stat(target)
-        except OSError as exc:
-            logger.warning("%s in %s is gone right after the push: %s", target, self.where, exc)
-            return
-        problem = self._mismatch(attrs, mode, uid, gid)
-        if problem is not None:
-            logger.warning(
-                "%s in %s %s right after the push: replaced by a concurrent push?",
-                target,
-                self.where,
-                problem,
-            )
 
     def _remote_sha256(self, target: str) -> str:
         digest = hashlib.sha256()
