@@ -81,7 +81,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="sqlite,postgres",
         help="databases for uploadsvc, comma-separated (sqlite,postgres)",
     )
-    parser.add_argument("--web-workers", type=positive_int, default=2, help="gunicorn workers (2)")
+    parser.add_argument("--web-workers", type=positive_int, default=2, help="web workers (2)")
     parser.add_argument("--web-threads", type=positive_int, default=8, help="threads each (8)")
     parser.add_argument(
         "--push-threads",

@@ -68,7 +68,7 @@ def test_a_bad_wait_is_400(api: APIClient, wait: str) -> None:
 
 
 def test_a_hundred_waiting_clients_do_not_starve_uploads_or_health_checks(
-    gunicorn_server: Server, user: Any, spool: Path
+    web_server: Server, user: Any, spool: Path
 ) -> None:
     """100 clients wait on uploads nobody pushes (no workers run). Meanwhile another client's
     upload gets its 202 within a second and /healthz answers: at most UPLOADS['MAX_WAITERS']
@@ -77,7 +77,7 @@ def test_a_hundred_waiting_clients_do_not_starve_uploads_or_health_checks(
     auth = {"Authorization": f"Token {token}"}
 
     def request(method: str, path: str, body: bytes | None = None, **headers: str) -> Any:
-        conn = http.client.HTTPConnection("127.0.0.1", gunicorn_server.port, timeout=60)
+        conn = http.client.HTTPConnection("127.0.0.1", web_server.port, timeout=60)
         try:
             conn.request(method, path, body=body, headers={**auth, **headers})
             answer = conn.getresponse()
