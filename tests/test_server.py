@@ -4,6 +4,7 @@ chunked bodies, and clients that close early."""
 import hashlib
 import http.client
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -181,3 +182,29 @@ def test_chunked_body_over_the_maximum_is_413(web_server: Server, token: str) ->
     assert response.status == 413
     assert UploadTask.objects.count() == 0
     assert spool_files(web_server.spool) == []
+
+
+def test_the_view_receives_the_body_while_it_arrives(web_server: Server, token: str) -> None:
+    # A server that buffered the whole body before calling the view would write nothing to the
+    # spool until the last byte: here the first half is on disk while the second is unsent.
+    half = 4 * 1024 * 1024
+    head = (
+        "POST /api/uploads/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Token {token}\r\nContent-Type: application/octet-stream\r\n"
+        f"X-Container-Name: web1\r\nX-File-Path: /srv/f\r\nContent-Length: {2 * half}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", web_server.port), timeout=30) as sock:
+        sock.sendall(head + b"a" * half)
+        deadline = time.monotonic() + 20
+        while not any(
+            p.suffix == ".part" and p.stat().st_size >= half - (1 << 20)
+            for p in web_server.spool.iterdir()
+        ):
+            assert time.monotonic() < deadline, "the view did not write the body as it came"
+            time.sleep(0.05)
+        sock.sendall(b"b" * half)
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 202"), answer[:300]
+    task = UploadTask.objects.get()
+    assert task.size == 2 * half
+    assert task.sha256 == hashlib.sha256(b"a" * half + b"b" * half).hexdigest()
