@@ -49,6 +49,7 @@ BENCHMARKS = {
     "queue": "bench.queuebench",
     "ingest": "bench.ingest",
     "push_speed": "bench.push_speed_runner",
+    "webserver": "bench.webserver",
 }
 NEEDS_INCUS = {"e2e", "push_speed"}
 # Runs without Incus, but one of its variants pushes into the container.
