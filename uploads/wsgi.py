@@ -116,7 +116,7 @@ class DeadlineInput:
         except queue.Empty:
             if wait:
                 raise TimeoutError(
-                    f"no request body bytes arrived for {self._timeout:g} seconds"
+                    f"less than {self.piece} bytes of the body arrived in {self._timeout:g} s"
                 ) from None
             return False
         if isinstance(item, BaseException):
