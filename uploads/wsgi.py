@@ -3,7 +3,7 @@
 Deadline: the WSGI server (granian) parses headers with a timeout of its own, but a read of
 `wsgi.input` waits for the client with none, so a client that stops sending mid-body would hold
 a request thread for as long as it keeps the connection open. `BodyDeadlineMiddleware` reads the
-body on a helper thread, a piece at a time, and a read that waits longer than
+body on a helper thread, 256 KiB at a time, and a read that waits longer than
 `UPLOADS_BODY_READ_TIMEOUT` for the next piece raises `TimeoutError` (an `OSError`, as a socket
 timeout would): the view answers 408 and its thread is free. The helper stays parked in the
 server's read until the client sends more or goes away, and then ends.
@@ -73,8 +73,9 @@ class DeadlineInput:
     Requests whose body is never read start no thread.
     """
 
-    piece = 64 * 1024
-    depth = 32
+    # 256 KiB: a 1 GiB body read fastest so here (64 KiB and 1 MiB pieces were slower).
+    piece = 256 * 1024
+    depth = 8
 
     def __init__(self, stream: IO[bytes], timeout: float) -> None:
         self._stream = stream
