@@ -232,6 +232,7 @@ class CpuMeter:
         total = sum(delta[:8]) or 1
         idle, iowait = delta[3], delta[4]
         used = sum(process_cpu_s(pid) - self._procs[pid] for pid in self.pids)
+        self.wall = wall
         self.result = {
             "machine_busy_pct": 100 * (total - idle - iowait) / total,
             "machine_iowait_pct": 100 * iowait / total,

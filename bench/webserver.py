@@ -5,10 +5,12 @@ Per database, each server twice in the order before, after, after, before (once 
 --quick), each time on an emptied database and spool with the push workers stopped:
 
 - small: `wrk -t2 -c16` for 10 s (3 s with --quick) of 1 KiB raw uploads through the real upload
-  endpoint (bench/wrk-upload.lua), after a 2 s warm-up; accepted/s, p50, p99, and the tasks the
+  endpoint (bench/wrk-upload.lua), after a 2 s warm-up; accepted/s, p50, p99, the server
+  processes' CPU per request (steadier than the rate on a shared machine), and the tasks the
   database holds afterwards (every 202 is a task);
-- big: one 1 GiB raw upload (64 MiB with --quick): MB/s from the first byte to the 202, the 202's
-  delay after the last byte, RSS growth of the server's worker processes;
+- big: one 1 GiB raw upload (64 MiB with --quick): MB/s from the first byte to the 202, the
+  server's CPU seconds, the 202's delay after the last byte, RSS growth of the server's worker
+  processes;
 - slow clients: 200 connections that send their request headers one byte a second while another
   client asks for /healthz and makes a 1 KiB upload (10 s timeout each): the time each took.
 
@@ -34,6 +36,7 @@ from bench.common import (
     MIB,
     ROOT,
     Context,
+    CpuMeter,
     Database,
     RssSampler,
     WebServer,
@@ -205,7 +208,16 @@ def _one(ctx: Context, db: Database, server_class: type[WebServer], label: str) 
     with running(server):
         wrk(ctx, server.port, token, 2)  # warm-up: every process has loaded the app
         dbtool(db, ctx.workdir, "reset")
-        small = wrk(ctx, server.port, token, 3 if cfg.quick else 10)
+        seconds = 3 if cfg.quick else 10
+        with CpuMeter(server.worker_pids()) as cpu:
+            small = wrk(ctx, server.port, token, seconds)
+        small.update(cpu.result)
+        # CPU per request: steadier than requests/s when the machine is shared.
+        small["server_cpu_ms_per_request"] = (
+            cpu.result["server_cores"] * cpu.wall * 1000 / small["requests"]
+            if small["requests"]
+            else None
+        )
         with db.connect() as conn:
             small["tasks_queued"] = sum(db.status_counts(conn).values())
         dbtool(db, ctx.workdir, "reset")
@@ -220,7 +232,7 @@ def _one(ctx: Context, db: Database, server_class: type[WebServer], label: str) 
             length=source.stat().st_size,
         )
         os.sync()
-        with RssSampler(server.worker_pids()) as sampler:
+        with RssSampler(server.worker_pids()) as sampler, CpuMeter(server.worker_pids()) as cpu:
             big = big_upload(server.port, head, source)
         if big.status != 202:
             raise RuntimeError(f"big upload answered {big.status}: {big.body[:300]!r}")
@@ -234,6 +246,8 @@ def _one(ctx: Context, db: Database, server_class: type[WebServer], label: str) 
             "mb_per_s": big.mb_per_s,
             "answer_after_last_byte_ms": (big.seconds - big.body_sent_at) * 1000,
             "rss": sampler.report(),
+            "server_cpu_s": cpu.result["server_cores"] * cpu.wall,
+            "machine_busy_pct": cpu.result["machine_busy_pct"],
         },
         "slow_clients": slow,
     }
@@ -270,9 +284,12 @@ def run(ctx: Context) -> dict[str, Any]:
                     small["rate_per_s"],
                     small["p50_ms"],
                     small["p99_ms"],
+                    small["server_cpu_ms_per_request"],
+                    small["machine_busy_pct"],
                     small["non_2xx"],
                     small["tasks_queued"],
                     big["mb_per_s"],
+                    big["server_cpu_s"],
                     big["answer_after_last_byte_ms"],
                     big["rss"]["growth_mib"],
                     _probe_cell(r["slow_clients"]["healthz"]),
@@ -290,9 +307,12 @@ def run(ctx: Context) -> dict[str, Any]:
                 "small/s",
                 "p50 ms",
                 "p99 ms",
+                "CPU ms/req",
+                "busy %",
                 "non-2xx",
                 "tasks",
                 "big MB/s",
+                "big CPU s",
                 "202 after last byte ms",
                 "RSS growth MiB",
                 "/healthz, slow clients",
