@@ -1,15 +1,17 @@
-"""The request-body deadline of uploads/wsgi.py on its own, over real streams: a bytes buffer and
-an OS pipe whose writer stops (what a stalled client looks like to the reader)."""
+"""The WSGI middleware of uploads/wsgi.py on its own: the body deadline over real streams (a
+bytes buffer, and an OS pipe whose writer stops, as a stalled client looks to the reader), and
+the environ the application gets."""
 
 import io
 import os
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from uploads.wsgi import DeadlineInput
+from uploads.wsgi import DeadlineInput, ProcessEnvironMiddleware
 
 BODY = b"".join(f"line {n:05d} ".encode() * (n % 7) + b"\n" for n in range(20_000))
 
@@ -82,3 +84,33 @@ def test_closing_lets_the_helper_end_when_the_client_goes(
     for helper in helpers:
         helper.join(timeout=5)
         assert not helper.is_alive()
+
+
+def test_the_process_environment_does_not_reach_the_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgres://user:secret@db/uploads")
+    monkeypatch.setenv("HTTP_X_FROM_THE_PROCESS", "1")
+    seen: dict[str, Any] = {}
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.update(environ)
+        return []
+
+    middleware = ProcessEnvironMiddleware(app)
+    # What granian hands the application: a copy of os.environ, then the request's own keys.
+    request = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/healthz",
+        "QUERY_STRING": "",
+        "SERVER_NAME": "127.0.0.1",
+        "HTTP_HOST": "127.0.0.1",
+        "wsgi.input": io.BytesIO(),
+    }
+    middleware(dict(os.environ) | request, lambda *args: None)
+    assert "DATABASE_URL" not in seen
+    assert "HTTP_X_FROM_THE_PROCESS" not in seen
+    assert "PATH" not in seen
+    assert {k: v for k, v in seen.items() if k != "wsgi.input"} == {
+        k: v for k, v in request.items() if k != "wsgi.input"
+    }

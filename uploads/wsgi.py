@@ -1,4 +1,5 @@
-"""WSGI middleware around the request body: a read deadline, and a count of the bytes read.
+"""WSGI middleware: a read deadline on the request body, a count of the bytes read, and an
+environ without the process's environment variables.
 
 Deadline: the WSGI server (granian) parses headers with a timeout of its own, but a read of
 `wsgi.input` waits for the client with none, so a client that stops sending mid-body would hold
@@ -14,6 +15,7 @@ it were complete. Counting at the WSGI layer lets the upload view tell a whole b
 one.
 """
 
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -207,3 +209,39 @@ class BodyDeadlineMiddleware:
             body.close()
             raise
         return _ClosingIterable(response, body)
+
+
+# What a WSGI server sets in the environ from the request itself (PEP 3333's CGI variables).
+CGI_KEYS = frozenset(
+    {
+        "REQUEST_METHOD",
+        "SCRIPT_NAME",
+        "PATH_INFO",
+        "QUERY_STRING",
+        "CONTENT_TYPE",
+        "CONTENT_LENGTH",
+        "SERVER_NAME",
+        "SERVER_PORT",
+        "SERVER_PROTOCOL",
+        "REMOTE_ADDR",
+        "GATEWAY_INTERFACE",
+        "SERVER_SOFTWARE",
+    }
+)
+
+
+class ProcessEnvironMiddleware:
+    """granian starts every request's environ from a copy of the process environment (PATH,
+    DATABASE_URL, DJANGO_SECRET_KEY, ...). They are dropped here, so they do not show in
+    request.META (error pages, reports), and a variable of the process named HTTP_* cannot pass
+    for a request header; a client header of the same name goes too (as httpoxy advises for
+    HTTP_PROXY)."""
+
+    def __init__(self, app: WSGIApp) -> None:
+        self.app = app
+        self.names = frozenset(os.environ) - CGI_KEYS
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        for name in self.names:
+            environ.pop(name, None)
+        return self.app(environ, start_response)

@@ -9,8 +9,14 @@ from django.core.wsgi import get_wsgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "uploadsvc.settings")
 
 from uploads.localfiles import UMASK, make_private  # noqa: E402
-from uploads.wsgi import BodyCountingMiddleware, BodyDeadlineMiddleware  # noqa: E402
+from uploads.wsgi import (  # noqa: E402
+    BodyCountingMiddleware,
+    BodyDeadlineMiddleware,
+    ProcessEnvironMiddleware,
+)
 
 os.umask(UMASK)
-application = BodyDeadlineMiddleware(BodyCountingMiddleware(get_wsgi_application()))
+application = ProcessEnvironMiddleware(
+    BodyDeadlineMiddleware(BodyCountingMiddleware(get_wsgi_application()))
+)
 make_private()
