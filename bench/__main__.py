@@ -49,6 +49,7 @@ BENCHMARKS = {
     "queue": "bench.queuebench",
     "ingest": "bench.ingest",
     "push_speed": "bench.push_speed_runner",
+    "webserver": "bench.webserver",
 }
 NEEDS_INCUS = {"e2e", "push_speed"}
 # Runs without Incus, but one of its variants pushes into the container.
@@ -81,7 +82,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="sqlite,postgres",
         help="databases for uploadsvc, comma-separated (sqlite,postgres)",
     )
-    parser.add_argument("--web-workers", type=positive_int, default=2, help="gunicorn workers (2)")
+    parser.add_argument("--web-workers", type=positive_int, default=2, help="web workers (2)")
     parser.add_argument("--web-threads", type=positive_int, default=8, help="threads each (8)")
     parser.add_argument(
         "--push-threads",

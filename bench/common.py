@@ -1,5 +1,5 @@
 """Shared pieces of the benchmarks: the run's configuration, the databases, the processes under
-test (gunicorn, push workers) and their memory, the container, tables and JSON results."""
+test (the web server, push workers) and their memory, the container, tables and JSON results."""
 
 from __future__ import annotations
 
@@ -232,6 +232,7 @@ class CpuMeter:
         total = sum(delta[:8]) or 1
         idle, iowait = delta[3], delta[4]
         used = sum(process_cpu_s(pid) - self._procs[pid] for pid in self.pids)
+        self.wall = wall
         self.result = {
             "machine_busy_pct": 100 * (total - idle - iowait) / total,
             "machine_iowait_pct": 100 * iowait / total,
@@ -362,8 +363,10 @@ def dbtool(
 # --- the service's processes ---------------------------------------------------------------
 
 
-class Gunicorn:
-    """The web server exactly as scripts/run starts it, on a free port."""
+class WebServer:
+    """The web server exactly as scripts/run starts it (scripts/web), on a free port."""
+
+    name = "granian (scripts/web)"
 
     def __init__(self, env: dict[str, str], *, workers: int, threads: int, log_path: Path) -> None:
         self.env = env
@@ -373,37 +376,31 @@ class Gunicorn:
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Gunicorn:
-        command = [
-            str(BIN / "gunicorn"),
-            "uploadsvc.wsgi:application",
-            "--worker-class",
-            "gthread",
-            "--workers",
-            str(self.workers),
-            "--threads",
-            str(self.threads),
-            "--bind",
-            f"127.0.0.1:{self.port}",
-            "--graceful-timeout",
-            "30",
-            "--access-logfile",
-            "-",
-        ]
+    def command(self) -> list[str]:
+        return [str(ROOT / "scripts" / "web")]
+
+    def start(self) -> WebServer:
+        env = {
+            **self.env,
+            "BIN": str(BIN),
+            "PORT": str(self.port),
+            "WEB_WORKERS": str(self.workers),
+            "WEB_THREADS": str(self.threads),
+        }
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
-                command,
+                self.command(),
                 cwd=ROOT,
-                env=self.env,
+                env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        wait_for_port(self.port, self.proc, "gunicorn")
+        wait_for_port(self.port, self.proc, self.name)
         deadline = time.monotonic() + 30
         while len(self.worker_pids()) < self.workers:
             if time.monotonic() > deadline:
-                raise RuntimeError("gunicorn did not start its workers")
+                raise RuntimeError(f"{self.name} did not start its workers")
             time.sleep(0.05)
         return self
 
@@ -478,7 +475,7 @@ class PushWorkers:
 
 
 @contextmanager
-def running(*services: Gunicorn | PushWorkers) -> Iterator[None]:
+def running(*services: WebServer | PushWorkers) -> Iterator[None]:
     try:
         for service in services:
             service.start()

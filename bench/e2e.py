@@ -1,7 +1,7 @@
 """Benchmark 2, end to end: uploads that land in the running container `uploadsvc-run`.
 
-Per database, with gunicorn and `run_push_workers` (the Incus pusher, --push-threads threads), and
-for the Go reference (its goroutines POST to the Incus files endpoint):
+Per database, with the web server and `run_push_workers` (the Incus pusher, --push-threads
+threads), and for the Go reference (its goroutines POST to the Incus files endpoint):
 
 - small: `wrk -t2 -c16 -d10s` (3 s with --quick) of 1 KiB uploads (bench/wrk_upload.lua), then
   a wait until every upload the server accepted was pushed; files landed per second = the files
@@ -35,9 +35,9 @@ from bench.common import (
     Check,
     Context,
     Database,
-    Gunicorn,
     OursProbe,
     PushWorkers,
+    WebServer,
     count_in_container,
     dbtool,
     empty_dir,
@@ -68,17 +68,17 @@ WRK_PREFIX = "w[0-9]"
 
 
 @contextmanager
-def _ours(ctx: Context, db: Database, phase: str) -> Iterator[tuple[Gunicorn, PushWorkers]]:
+def _ours(ctx: Context, db: Database, phase: str) -> Iterator[tuple[WebServer, PushWorkers]]:
     dbtool(db, ctx.workdir, "reset")
     spool = ctx.workdir / f"spool-e2e-{db.name}-{phase}"
     empty_dir(spool)
     env = service_env(db, spool, ctx.workdir)
     logs = ctx.workdir / f"e2e-{db.name}-{phase}"
-    server = Gunicorn(
+    server = WebServer(
         env,
         workers=ctx.cfg.web_workers,
         threads=ctx.cfg.web_threads,
-        log_path=logs.with_suffix(".gunicorn.log"),
+        log_path=logs.with_suffix(".web.log"),
     )
     workers = PushWorkers(
         env, threads=ctx.cfg.push_threads, log_path=logs.with_suffix(".workers.log")

@@ -9,7 +9,7 @@ one raw upload of 1 GiB (64 MiB with --quick), sent with sendfile(2) on one conn
   kernel still holds some of the body, and draining it is part of what the client waits for).
   A helper thread also notes when the client's send queue emptied (the server's kernel had
   acknowledged every byte, SIOCOUTQ), reported as a second, smaller figure;
-- the RSS growth of the server's worker processes (gunicorn's children, sampled every 20 ms,
+- the RSS growth of the server's worker processes (its children, sampled every 20 ms,
   and VmHWM), after a warm-up in which every process served a small upload.
 
 Small uploads are measured by the `small` benchmark (wrk).
@@ -28,8 +28,8 @@ from bench.common import (
     Check,
     Context,
     Database,
-    Gunicorn,
     RssSampler,
+    WebServer,
     dbtool,
     empty_dir,
     log,
@@ -113,11 +113,11 @@ def _ours(ctx: Context, db: Database) -> dict[str, Any]:
     spool = ctx.workdir / f"spool-ingest-{db.name}"
     empty_dir(spool)
     env = service_env(db, spool, ctx.workdir)
-    server = Gunicorn(
+    server = WebServer(
         env,
         workers=ctx.cfg.web_workers,
         threads=ctx.cfg.web_threads,
-        log_path=ctx.workdir / f"gunicorn-ingest-{db.name}.log",
+        log_path=ctx.workdir / f"web-ingest-{db.name}.log",
     )
     with running(server):
         assert server.proc is not None

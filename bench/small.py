@@ -4,9 +4,10 @@
 token (bench/wrk_upload.lua) in two variants, each run for uploadsvc (per database) and then for
 the Go reference, so that each pair runs back to back:
 
-- stopped: the web server alone. uploadsvc: gunicorn, no `run_push_workers` (tasks pile up
-  in the queue). Go: `-push=false`, whose goroutines take tasks off the channel and push nothing.
-- running: uploadsvc as `make run` runs it, gunicorn plus one `run_push_workers --threads 4`
+- stopped: the web server alone. uploadsvc: the web server (scripts/web), no `run_push_workers`
+  (tasks pile up in the queue). Go: `-push=false`, whose goroutines take tasks off the channel
+  and push nothing.
+- running: uploadsvc as `make run` runs it, the web server plus one `run_push_workers --threads 4`
   pushing into `uploadsvc-run`; the Go reference with its pool of 4 pushing goroutines behind the
   channel of 100, whose handler blocks while the channel is full (the seed's design).
 
@@ -28,9 +29,9 @@ from bench.common import (
     Context,
     CpuMeter,
     Database,
-    Gunicorn,
     OursProbe,
     PushWorkers,
+    WebServer,
     dbtool,
     empty_dir,
     log,
@@ -75,7 +76,7 @@ def _directory(ctx: Context, name: str, variant: str) -> str:
 
 
 def _profilers(
-    ctx: Context, db: Database, variant: str, server: Gunicorn, workers: PushWorkers
+    ctx: Context, db: Database, variant: str, server: WebServer, workers: PushWorkers
 ) -> list[tuple[str, Profiler]]:
     """With --profile, on PostgreSQL: py-spy on the web server's processes, and on the push
     workers when they run."""
@@ -111,14 +112,14 @@ def _ours(ctx: Context, db: Database, variant: str) -> dict[str, Any]:
     empty_dir(spool)
     env = service_env(db, spool, ctx.workdir)
     logs = ctx.workdir / f"small-{variant}-{db.name}"
-    server = Gunicorn(
+    server = WebServer(
         env,
         workers=cfg.web_workers,
         threads=cfg.web_threads,
-        log_path=logs.with_suffix(".gunicorn.log"),
+        log_path=logs.with_suffix(".web.log"),
     )
     workers = PushWorkers(env, threads=cfg.push_threads, log_path=logs.with_suffix(".workers.log"))
-    services: list[Gunicorn | PushWorkers] = [server]
+    services: list[WebServer | PushWorkers] = [server]
     if variant == "running":
         services.append(workers)
     directory = _directory(ctx, db.name, variant)

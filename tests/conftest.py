@@ -1,4 +1,4 @@
-"""Shared fixtures: users and API clients, an isolated spool, and a real gunicorn server."""
+"""Shared fixtures: users and API clients, an isolated spool, and the real web server."""
 
 import os
 import socket
@@ -150,50 +150,49 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
 
 
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(log.read_text()) from None
+            time.sleep(0.1)
+
+
 @pytest.fixture
-def gunicorn_server(
+def web_server(
     request: pytest.FixtureRequest, transactional_db: None, spool: Path, tmp_path: Path
 ) -> Iterator[Server]:
-    """The real WSGI server the service runs under, on the test database and this test's spool.
+    """The web server as `make run` starts it (scripts/web), on the test database and this
+    test's spool, with one process of four threads.
 
     `@pytest.mark.server_env(NAME=value)` adds environment variables for the server.
     """
     marker = request.node.get_closest_marker("server_env")
     extra_env = dict(marker.kwargs) if marker else {}
     port = free_port()
-    log = open(tmp_path / "gunicorn.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "gunicorn"),
-            "uploadsvc.wsgi:application",
-            "--worker-class",
-            "gthread",
-            "--workers",
-            "1",
-            "--threads",
-            "4",
-            "--bind",
-            f"127.0.0.1:{port}",
-        ],
-        cwd=ROOT,
-        env=subprocess_env(spool, **extra_env),
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    log_path = tmp_path / "web.log"
+    env = subprocess_env(
+        spool,
+        BIN=str(Path(sys.executable).parent),
+        PORT=str(port),
+        WEB_WORKERS="1",
+        WEB_THREADS="4",
+        **extra_env,
     )
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.close()
-                raise RuntimeError((tmp_path / "gunicorn.log").read_text()) from None
-            time.sleep(0.1)
-    yield Server(port, proc, spool)
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            ["scripts/web"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_for_port(port, proc, log_path, timeout=20)
+        yield Server(port, proc, spool)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 INCUS_SOCKET = "/var/lib/incus/unix.socket"

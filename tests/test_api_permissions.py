@@ -264,7 +264,7 @@ class TestPathEqualToPrefix:
     @pytest.mark.django_db(transaction=True)
     @pytest.mark.server_env(UPLOADS_BODY_READ_TIMEOUT="3")
     def test_raw_refusal_comes_before_the_body_is_read(
-        self, gunicorn_server: Server, carol: Any
+        self, web_server: Server, carol: Any
     ) -> None:
         """The 403 is answered on the headers alone: not one byte of the 100 MB body is sent.
         (If the server waited for the body it would answer 408 after its 3 s read timeout.)"""
@@ -276,7 +276,7 @@ class TestPathEqualToPrefix:
             "X-Container-Name: web1\r\nX-File-Path: /srv/carol/.\r\n"
             "Content-Length: 100000000\r\n\r\n"
         ).encode()
-        with socket.create_connection(("127.0.0.1", gunicorn_server.port), timeout=30) as sock:
+        with socket.create_connection(("127.0.0.1", web_server.port), timeout=30) as sock:
             sock.sendall(head)
             answer = b""
             while not answer.endswith(b"}"):
@@ -285,7 +285,7 @@ class TestPathEqualToPrefix:
                     break
                 answer += chunk
         assert answer.startswith(b"HTTP/1.1 403"), answer[:300]
-        assert spool_files(gunicorn_server.spool) == []
+        assert spool_files(web_server.spool) == []
 
 
 # --- multipart uploads refused for any reason ----------------------------------------------

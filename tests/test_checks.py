@@ -72,4 +72,4 @@ def test_the_project_settings_uploads_rely_on_are_checked(monkeypatch: pytest.Mo
 def test_the_deploy_check_finds_a_wsgi_application_that_does_not_count_body_bytes() -> None:
     assert check_the_wsgi_application() == []
     with override_settings(WSGI_APPLICATION="tests.test_checks.plain_wsgi_application"):
-        assert ids(check_the_wsgi_application()) == ["uploads.E008"]
+        assert ids(check_the_wsgi_application()) == ["uploads.E008", "uploads.E009"]

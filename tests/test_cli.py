@@ -83,9 +83,9 @@ class Service:
 
 
 @pytest.fixture
-def service(gunicorn_server: Server, user: User, incus: str, tmp_path: Path) -> Iterator[Service]:
+def service(web_server: Server, user: User, incus: str, tmp_path: Path) -> Iterator[Service]:
     token = Token.objects.create(user=user).key
-    svc = Service(gunicorn_server, token, incus, tmp_path / "workers.log")
+    svc = Service(web_server, token, incus, tmp_path / "workers.log")
     try:
         yield svc
     finally:

@@ -125,7 +125,7 @@ def incusd_pid() -> int | None:
 
 @pytest.mark.server_env(**FAST_RETRIES)
 def test_incusd_stopped_during_a_burst_then_started_everything_lands_once(
-    gunicorn_server: Server, token: str, spool: Path, tmp_path: Path, incus: str
+    web_server: Server, token: str, spool: Path, tmp_path: Path, incus: str
 ) -> None:
     directory = f"/tmp/uploadsvc-faults-{uuid.uuid4().hex[:8]}"
     run_in(RUNNING, "mkdir", "-p", directory)
@@ -137,7 +137,7 @@ def test_incusd_stopped_during_a_burst_then_started_everything_lands_once(
     def send(n: int) -> None:
         body = f"burst {n} {uuid.uuid4()}\n".encode()
         status, _ = post(
-            gunicorn_server,
+            web_server,
             token,
             body,
             **{"X-Container-Name": RUNNING, "X-File-Path": f"{directory}/{n}.txt"},
@@ -182,7 +182,7 @@ def pg_cluster() -> str:
 
 @pytest.mark.server_env(**FAST_RETRIES)
 def test_postgresql_restart_during_a_burst_web_and_workers_reconnect(
-    gunicorn_server: Server, token: str, spool: Path, tmp_path: Path, incus: str
+    web_server: Server, token: str, spool: Path, tmp_path: Path, incus: str
 ) -> None:
     if connection.vendor != "postgresql":
         pytest.skip("restarts PostgreSQL: run with DATABASE_URL=postgres://… (CI does)")
@@ -202,7 +202,7 @@ def test_postgresql_restart_during_a_burst_web_and_workers_reconnect(
         }
         deadline = time.monotonic() + 120
         while True:
-            status, answer = post(gunicorn_server, token, f"pg {n}\n".encode(), **headers)
+            status, answer = post(web_server, token, f"pg {n}\n".encode(), **headers)
             with lock:
                 answers.append(status)
             if status == 202:
@@ -276,7 +276,7 @@ def chunked_post(server: Server, token: str, size: int) -> int:
 
 @pytest.mark.server_env(UPLOADS_SPOOL_RESERVE_BYTES="0")
 def test_full_spool_filesystem_is_507_with_no_half_file_and_recovers(
-    small_spool: Path, gunicorn_server: Server, token: str, user: Any
+    small_spool: Path, web_server: Server, token: str, user: Any
 ) -> None:
     headers = {"X-Container-Name": RUNNING, "X-File-Path": "/tmp/x.bin"}
     # Announced too large for the free space: refused before a byte of the body is sent.
@@ -286,36 +286,36 @@ def test_full_spool_filesystem_is_507_with_no_half_file_and_recovers(
         f"X-Container-Name: {RUNNING}\r\nX-File-Path: /tmp/x.bin\r\n"
         f"Content-Length: {9 << 20}\r\n\r\n"
     ).encode()
-    with socket.create_connection(("127.0.0.1", gunicorn_server.port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", web_server.port), timeout=10) as sock:
         sock.sendall(head)
         assert sock.recv(65536).startswith(b"HTTP/1.1 507")
     # A chunked body has no announced size: the disk fills mid-write.
-    assert chunked_post(gunicorn_server, token, 12 << 20) == 507
+    assert chunked_post(web_server, token, 12 << 20) == 507
     assert spool_files(small_spool) == []
     # Fill it with accepted uploads, then one more does not fit.
-    accepted = [post(gunicorn_server, token, b"a" * (5 << 19), **headers) for _ in range(3)]
+    accepted = [post(web_server, token, b"a" * (5 << 19), **headers) for _ in range(3)]
     assert [s for s, _ in accepted] == [202, 202, 202]
-    status, _ = post(gunicorn_server, token, b"b" * (1 << 20), **headers)
+    status, _ = post(web_server, token, b"b" * (1 << 20), **headers)
     assert status == 507
     assert UploadTask.objects.count() == 3
     assert_consistent(small_spool)
     # Room comes back (an upload is cancelled and purged): uploads are accepted again.
     first = UploadTask.objects.order_by("created_at").first()
     assert first is not None
-    conn = http.client.HTTPConnection("127.0.0.1", gunicorn_server.port, timeout=30)
+    conn = http.client.HTTPConnection("127.0.0.1", web_server.port, timeout=30)
     conn.request(
         "POST", f"/api/uploads/{first.pk}/cancel/", headers={"Authorization": f"Token {token}"}
     )
     assert conn.getresponse().status == 200
     purge_finished(succeeded_before=timezone.now(), failed_before=timezone.now())
-    status, _ = post(gunicorn_server, token, b"c" * (2 << 20), **headers)
+    status, _ = post(web_server, token, b"c" * (2 << 20), **headers)
     assert status == 202
     assert_consistent(small_spool)
     assert shutil.disk_usage(small_spool).free >= 0
 
 
 def test_clients_that_reset_mid_upload_leave_nothing_and_the_server_answers(
-    gunicorn_server: Server, token: str, spool: Path
+    web_server: Server, token: str, spool: Path
 ) -> None:
     head = (
         "POST /api/uploads/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -323,7 +323,7 @@ def test_clients_that_reset_mid_upload_leave_nothing_and_the_server_answers(
         "X-Container-Name: web1\r\nX-File-Path: /srv/f\r\nContent-Length: 50000000\r\n\r\n"
     ).encode()
     for _ in range(10):
-        sock = socket.create_connection(("127.0.0.1", gunicorn_server.port))
+        sock = socket.create_connection(("127.0.0.1", web_server.port))
         sock.sendall(head + b"r" * 2_000_000)
         # SO_LINGER with a zero timeout: close() sends a TCP reset, not a FIN.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -331,7 +331,7 @@ def test_clients_that_reset_mid_upload_leave_nothing_and_the_server_answers(
     wait_for(lambda: not spool_files(spool), 10, "partial files to be removed")
     assert UploadTask.objects.count() == 0
     status, _ = post(
-        gunicorn_server,
+        web_server,
         token,
         b"still here",
         **{"X-Container-Name": "web1", "X-File-Path": "/srv/f"},

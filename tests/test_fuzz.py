@@ -16,14 +16,14 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def test_api_never_fails_and_keeps_its_schema(
-    gunicorn_server: Server, user: Any, tmp_path: Path
+    web_server: Server, user: Any, tmp_path: Path
 ) -> None:
     token = Token.objects.create(user=user).key
     result = subprocess.run(
         [
             str(Path(sys.executable).parent / "schemathesis"),
             "run",
-            f"{gunicorn_server.url}/api/schema/",
+            f"{web_server.url}/api/schema/",
             "--checks",
             "not_a_server_error,content_type_conformance,response_schema_conformance",
             "--header",

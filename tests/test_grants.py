@@ -269,7 +269,7 @@ def test_user_throttle_is_configurable(api: APIClient, settings: Any) -> None:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_refusal_comes_before_the_body_is_read(gunicorn_server: Server, carol: Any) -> None:
+def test_refusal_comes_before_the_body_is_read(web_server: Server, carol: Any) -> None:
     token = Token.objects.create(user=carol).key
     head = (
         "POST /api/uploads/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -277,7 +277,7 @@ def test_refusal_comes_before_the_body_is_read(gunicorn_server: Server, carol: A
         "X-Container-Name: web1\r\nX-File-Path: /srv/f\r\n"
         "Content-Length: 10000000000\r\n\r\n"
     ).encode()
-    with socket.create_connection(("127.0.0.1", gunicorn_server.port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", web_server.port), timeout=10) as sock:
         sock.sendall(head)  # and not one byte of the 10 GB body
         answer = b""
         while not answer.endswith(b"}"):

@@ -64,7 +64,7 @@ def test_the_web_server_makes_the_spool_private_when_it_starts(
     old.write_bytes(b"uploaded before")
     os.chmod(old, 0o644)
     spool.chmod(0o755)
-    server = request.getfixturevalue("gunicorn_server")
+    server = request.getfixturevalue("web_server")
     assert requests.get(f"{server.url}/api/schema/", timeout=30).ok  # the app is loaded
     assert (mode(spool), mode(old)) == (0o700, 0o600)
     assert spool_files(spool) == [old.name]

@@ -127,7 +127,7 @@ def test_running_worker_has_a_heartbeat_and_logs_json(
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.server_env(UPLOADS_BODY_READ_TIMEOUT="1")
 def test_a_client_that_stalls_mid_body_gets_408_and_leaves_nothing(
-    gunicorn_server: Server, user: Any
+    web_server: Server, user: Any
 ) -> None:
     token = Token.objects.create(user=user).key
     head = (
@@ -136,10 +136,10 @@ def test_a_client_that_stalls_mid_body_gets_408_and_leaves_nothing(
         "X-Container-Name: web1\r\nX-File-Path: /srv/f\r\nContent-Length: 1000000\r\n\r\n"
     ).encode()
     started = time.monotonic()
-    with socket.create_connection(("127.0.0.1", gunicorn_server.port), timeout=15) as sock:
+    with socket.create_connection(("127.0.0.1", web_server.port), timeout=15) as sock:
         sock.sendall(head + b"x" * 1000)  # then nothing, connection left open
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
     assert time.monotonic() - started < 10
     assert UploadTask.objects.count() == 0
-    assert spool_files(gunicorn_server.spool) == []
+    assert spool_files(web_server.spool) == []

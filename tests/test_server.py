@@ -1,9 +1,10 @@
-"""Uploads through the real WSGI server (gunicorn gthread) and real sockets: truncated bodies,
+"""Uploads through the real web server (scripts/web: granian) and real sockets: truncated bodies,
 chunked bodies, and clients that close early."""
 
 import hashlib
 import http.client
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -35,22 +36,20 @@ def send_partial(server: Server, head: bytes, body: bytes) -> bytes:
 
 
 def test_raw_body_shorter_than_content_length_queues_nothing(
-    gunicorn_server: Server, token: str
+    web_server: Server, token: str
 ) -> None:
     head = (
         "POST /api/uploads/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         f"Authorization: Token {token}\r\nContent-Type: application/octet-stream\r\n"
         "X-Container-Name: web1\r\nX-File-Path: /srv/f\r\nContent-Length: 5000000\r\n\r\n"
     ).encode()
-    answer = send_partial(gunicorn_server, head, b"x" * 3_000_000)
+    answer = send_partial(web_server, head, b"x" * 3_000_000)
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
     assert UploadTask.objects.count() == 0
-    assert spool_files(gunicorn_server.spool) == []
+    assert spool_files(web_server.spool) == []
 
 
-def test_multipart_body_cut_inside_the_file_queues_nothing(
-    gunicorn_server: Server, token: str
-) -> None:
+def test_multipart_body_cut_inside_the_file_queues_nothing(web_server: Server, token: str) -> None:
     boundary = uuid.uuid4().hex
     fields = b"".join(
         (
@@ -70,14 +69,14 @@ def test_multipart_body_cut_inside_the_file_queues_nothing(
         f"Content-Length: {len(full)}\r\n\r\n"
     ).encode()
     # Cut in the middle of the file: Django's parser alone would keep the part as complete.
-    answer = send_partial(gunicorn_server, head, full[: len(full) // 2])
+    answer = send_partial(web_server, head, full[: len(full) // 2])
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
     assert UploadTask.objects.count() == 0
-    assert spool_files(gunicorn_server.spool) == []
+    assert spool_files(web_server.spool) == []
 
 
 def test_multipart_body_cut_after_its_last_boundary_queues_nothing(
-    gunicorn_server: Server, token: str
+    web_server: Server, token: str
 ) -> None:
     # The parts are all complete, so Django's parser is satisfied; only counting the bytes
     # against Content-Length shows that the client went away early.
@@ -97,14 +96,14 @@ def test_multipart_body_cut_after_its_last_boundary_queues_nothing(
         f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
         f"Content-Length: {len(full) + 1000}\r\n\r\n"
     ).encode()
-    answer = send_partial(gunicorn_server, head, full)
+    answer = send_partial(web_server, head, full)
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
     assert UploadTask.objects.count() == 0
-    assert spool_files(gunicorn_server.spool) == []
+    assert spool_files(web_server.spool) == []
 
 
 def test_whole_multipart_body_through_the_server_is_accepted(
-    gunicorn_server: Server, token: str
+    web_server: Server, token: str
 ) -> None:
     boundary = uuid.uuid4().hex
     payload = b"z" * 2_000_000
@@ -117,7 +116,7 @@ def test_whole_multipart_body_through_the_server_is_accepted(
         + payload
         + f"\r\n--{boundary}--\r\n".encode()
     )
-    conn = http.client.HTTPConnection("127.0.0.1", gunicorn_server.port, timeout=30)
+    conn = http.client.HTTPConnection("127.0.0.1", web_server.port, timeout=30)
     conn.request(
         "POST",
         "/api/uploads/",
@@ -139,9 +138,9 @@ def chunks(data: bytes, size: int) -> Iterator[bytes]:
         yield data[i : i + size]
 
 
-def test_chunked_raw_body_is_read_whole(gunicorn_server: Server, token: str) -> None:
+def test_chunked_raw_body_is_read_whole(web_server: Server, token: str) -> None:
     payload = bytes(range(256)) * 20_000
-    conn = http.client.HTTPConnection("127.0.0.1", gunicorn_server.port, timeout=30)
+    conn = http.client.HTTPConnection("127.0.0.1", web_server.port, timeout=30)
     conn.request(
         "POST",
         "/api/uploads/",
@@ -160,12 +159,12 @@ def test_chunked_raw_body_is_read_whole(gunicorn_server: Server, token: str) -> 
     task = UploadTask.objects.get()
     assert task.size == len(payload)
     assert task.sha256 == hashlib.sha256(payload).hexdigest()
-    assert (gunicorn_server.spool / task.spool_name).read_bytes() == payload
+    assert (web_server.spool / task.spool_name).read_bytes() == payload
 
 
 @pytest.mark.server_env(UPLOADS_MAX_UPLOAD_SIZE=str(10 * 1024 * 1024))
-def test_chunked_body_over_the_maximum_is_413(gunicorn_server: Server, token: str) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", gunicorn_server.port, timeout=30)
+def test_chunked_body_over_the_maximum_is_413(web_server: Server, token: str) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", web_server.port, timeout=30)
     big = b"q" * (11 * 1024 * 1024)
     conn.request(
         "POST",
@@ -182,4 +181,30 @@ def test_chunked_body_over_the_maximum_is_413(gunicorn_server: Server, token: st
     response = conn.getresponse()
     assert response.status == 413
     assert UploadTask.objects.count() == 0
-    assert spool_files(gunicorn_server.spool) == []
+    assert spool_files(web_server.spool) == []
+
+
+def test_the_view_receives_the_body_while_it_arrives(web_server: Server, token: str) -> None:
+    # A server that buffered the whole body before calling the view would write nothing to the
+    # spool until the last byte: here the first half is on disk while the second is unsent.
+    half = 4 * 1024 * 1024
+    head = (
+        "POST /api/uploads/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Token {token}\r\nContent-Type: application/octet-stream\r\n"
+        f"X-Container-Name: web1\r\nX-File-Path: /srv/f\r\nContent-Length: {2 * half}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", web_server.port), timeout=30) as sock:
+        sock.sendall(head + b"a" * half)
+        deadline = time.monotonic() + 20
+        while not any(
+            p.suffix == ".part" and p.stat().st_size >= half - (1 << 20)
+            for p in web_server.spool.iterdir()
+        ):
+            assert time.monotonic() < deadline, "the view did not write the body as it came"
+            time.sleep(0.05)
+        sock.sendall(b"b" * half)
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 202"), answer[:300]
+    task = UploadTask.objects.get()
+    assert task.size == 2 * half
+    assert task.sha256 == hashlib.sha256(b"a" * half + b"b" * half).hexdigest()

@@ -4,8 +4,6 @@ import base64
 import binascii
 import functools
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, cast
 
 from django.contrib.auth.models import User
@@ -270,22 +268,6 @@ def _check_granted(request: Request, params: dict[str, Any], size: int | None) -
         permission = selectors.upload_permission(user=request.user, **destination)
     if not permission.allowed:
         raise services.NotGranted(permission.reason, too_large=permission.too_large)
-
-
-@contextmanager
-def _body_read_timeout(request: Request) -> Iterator[None]:
-    """A client that stops sending mid-body must not hold a server thread forever: gunicorn
-    has no body-read timeout of its own, so one is set on its socket for the read."""
-    sock = request.META.get("gunicorn.socket")
-    if sock is None:
-        yield
-        return
-    previous = sock.gettimeout()
-    sock.settimeout(uploads_settings.BODY_READ_TIMEOUT)
-    try:
-        yield
-    finally:
-        sock.settimeout(previous)
 
 
 def _timed_out(exc: BaseException) -> bool:
@@ -588,7 +570,7 @@ class UploadViewSet(
         environ = request._request.META
         if length is None:
             # Django reads a chunked body as empty (ticket #35838); read the server's own
-            # de-chunked input when it promises to end it (gunicorn sets wsgi.input_terminated).
+            # de-chunked input when it promises to end it (granian sets wsgi.input_terminated).
             if not environ.get("wsgi.input_terminated"):
                 raise LengthRequired(
                     "This server cannot read a chunked body; send a Content-Length."
@@ -597,13 +579,12 @@ class UploadViewSet(
         else:
             read = request._request.read
         try:
-            with _body_read_timeout(request):
-                if length is not None and length <= uploads_settings.INLINE_MAX_BYTES:
-                    spooled = spool.read_small(read, expected=length)
-                else:
-                    spooled = spool.spool_stream(
-                        read, expected=length, max_size=uploads_settings.MAX_UPLOAD_SIZE
-                    )
+            if length is not None and length <= uploads_settings.INLINE_MAX_BYTES:
+                spooled = spool.read_small(read, expected=length)
+            else:
+                spooled = spool.spool_stream(
+                    read, expected=length, max_size=uploads_settings.MAX_UPLOAD_SIZE
+                )
         except spool.BodyTooLarge as exc:
             raise PayloadTooLarge(str(exc)) from exc
         except spool.SpoolFull as exc:
@@ -629,9 +610,8 @@ class UploadViewSet(
             raise LengthRequired("A multipart upload needs a Content-Length.")
         django_request = request._request
         try:
-            with _body_read_timeout(request):
-                form: QueryDict = request.POST
-                files = request.FILES
+            form: QueryDict = request.POST
+            files = request.FILES
         except spool.BodyTooLarge as exc:
             raise PayloadTooLarge(str(exc)) from exc
         except spool.SpoolFull as exc:

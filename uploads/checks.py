@@ -91,16 +91,33 @@ def check_what_uploads_rely_on(app_configs: Any = None, **kwargs: Any) -> list[C
 @register(deploy=True)
 def check_the_wsgi_application(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """The WSGI application must count body bytes (a truncated multipart upload would otherwise
-    be kept as if whole). Loading it has a cost, so `check --deploy` looks, not every command."""
-    from uploads.wsgi import BodyCountingMiddleware
+    be kept as if whole) and put a deadline on body reads (a client that stalls mid-body would
+    hold a thread). Loading it has a cost, so `check --deploy` looks, not every command."""
+    from uploads.wsgi import BodyCountingMiddleware, BodyDeadlineMiddleware
 
     wsgi_path = getattr(settings, "WSGI_APPLICATION", None)
-    if wsgi_path and not isinstance(import_string(wsgi_path), BodyCountingMiddleware):
-        return [
+    if not wsgi_path:
+        return []
+    layers = []
+    app = import_string(wsgi_path)
+    while app is not None:  # each middleware keeps the application it wraps as `.app`
+        layers.append(app)
+        app = getattr(app, "app", None)
+    errors: list[CheckMessage] = []
+    if not any(isinstance(layer, BodyCountingMiddleware) for layer in layers):
+        errors.append(
             Error(
                 f"{wsgi_path} is not wrapped in uploads.wsgi.BodyCountingMiddleware: a truncated "
                 "multipart upload would be kept as if it were whole",
                 id="uploads.E008",
             )
-        ]
-    return []
+        )
+    if not any(isinstance(layer, BodyDeadlineMiddleware) for layer in layers):
+        errors.append(
+            Error(
+                f"{wsgi_path} is not wrapped in uploads.wsgi.BodyDeadlineMiddleware: a client "
+                "that stops sending mid-body would hold a server thread",
+                id="uploads.E009",
+            )
+        )
+    return errors

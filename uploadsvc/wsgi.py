@@ -1,5 +1,6 @@
-"""WSGI entry point. Uploads are served by a WSGI server that streams request bodies
-(gunicorn with gthread workers): ASGI would spool the whole body before the view runs."""
+"""WSGI entry point. Uploads are served by a WSGI server that streams request bodies to the
+view (granian's WSGI interface, started by scripts/web): ASGI would spool the whole body before
+the view runs."""
 
 import os
 
@@ -8,8 +9,14 @@ from django.core.wsgi import get_wsgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "uploadsvc.settings")
 
 from uploads.localfiles import UMASK, make_private  # noqa: E402
-from uploads.wsgi import BodyCountingMiddleware  # noqa: E402
+from uploads.wsgi import (  # noqa: E402
+    BodyCountingMiddleware,
+    BodyDeadlineMiddleware,
+    ProcessEnvironMiddleware,
+)
 
 os.umask(UMASK)
-application = BodyCountingMiddleware(get_wsgi_application())
+application = ProcessEnvironMiddleware(
+    BodyDeadlineMiddleware(BodyCountingMiddleware(get_wsgi_application()))
+)
 make_private()
