@@ -407,13 +407,13 @@ def test_a_push_still_running_when_the_grace_period_ends_cannot_publish_after_it
     digest = hashlib.sha256(body).hexdigest()
     data = upload(api, body, RUNNING, f"{workdir}/late.bin")
     del body
-    worker = Worker(threads=1, poll_interval=0.05, grace_period=0.3, pusher_factory=IncusPusher)
+    worker = Worker(threads=1, poll_interval=0.05, grace_period=0.1, pusher_factory=IncusPusher)
     result: list[int] = []
     runner = threading.Thread(target=lambda: result.append(worker.run()))
     runner.start()
     try:
         wait_for(lambda: task_of(data).status == Status.RUNNING, timeout=30)
-        time.sleep(0.3)  # into the push
+        time.sleep(0.1)  # into the push, which takes a second or more
         worker.stop()
         runner.join(timeout=60)
     finally:

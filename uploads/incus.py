@@ -64,6 +64,7 @@ import requests
 from paramiko.sftp import (
     CMD_ATTRS,
     CMD_CLOSE,
+    CMD_EXTENDED,
     CMD_FSETSTAT,
     CMD_FSTAT,
     CMD_HANDLE,
@@ -90,6 +91,7 @@ from uploads.sftp import (
     UpgradeRefused,
     finish_pipelined_writes,
     open_sftp,
+    pipeline,
 )
 
 logger = logging.getLogger(__name__)
@@ -475,22 +477,7 @@ class _Delivery:
             if self.sweep(directory):
                 self._remove_stale_temps(directory, temp)
             digest = self._write(handle, temp)
-            # Owner and mode in two requests: Incus's SFTP server reads a request that sets both
-            # in another field order than paramiko writes them (measured: the gid became the
-            # owner and the mode the group).
-            try:
-                handle.chown(uid, gid)
-            except OSError as exc:
-                # Typically a uid or gid outside the instance's id map: retrying cannot help.
-                raise PermanentPushError(
-                    f"cannot give {target} in {self.where} the owner {uid}:{gid}: {exc}"
-                ) from exc
-            try:
-                handle.chmod(mode)
-                # What the rename will publish (it keeps the inode): checked before it is.
-                written = handle.stat()
-            except OSError as exc:
-                raise self._failed(exc, "setting the mode of", temp) from exc
+            written = self._set_owner_and_mode(handle, target, uid, gid, mode)
             problem = self._mismatch(written, mode, uid, gid)
             if problem:
                 raise TransientPushError(f"the new {target} in {self.where} {problem}")
@@ -504,9 +491,8 @@ class _Delivery:
                     handle.utime((written.st_atime, written.st_mtime))  # the marker goes
                 except OSError as exc:
                     raise self._failed(exc, "setting the time of", temp) from exc
-            handle.close()
             self._still_held()
-            self._rename(temp, target)
+            self._close_and_rename(handle, temp, target)
             self.temp = None
         except BaseException:
             self._discard(handle, temp)
@@ -684,6 +670,44 @@ class _Delivery:
             )
         return digest.hexdigest() if digest is not None else None
 
+    def _set_owner_and_mode(self, handle: Any, target: str, uid: int, gid: int, mode: int) -> Any:
+        """Give the temporary file its owner and mode and read back what the rename will
+        publish (it keeps the inode), in one round trip. Owner and mode go in two requests:
+        Incus's SFTP server reads a request that sets both in another field order than
+        paramiko writes them (measured: the gid became the owner and the mode the group)."""
+        owner, permissions = SFTPAttributes(), SFTPAttributes()
+        owner.st_uid, owner.st_gid = uid, gid
+        permissions.st_mode = mode
+        chowned, chmodded, stat_reply = pipeline(
+            self.sftp,
+            (CMD_FSETSTAT, (handle.handle, owner)),
+            (CMD_FSETSTAT, (handle.handle, permissions)),
+            (CMD_FSTAT, (handle.handle,)),
+        )
+        if isinstance(chowned, OSError):
+            # Typically a uid or gid outside the instance's id map: retrying cannot help.
+            raise PermanentPushError(
+                f"cannot give {target} in {self.where} the owner {uid}:{gid}: {chowned}"
+            ) from chowned
+        for reply in (chmodded, stat_reply):
+            if isinstance(reply, OSError):
+                raise self._failed(reply, "setting the mode of", self.temp or target) from reply
+        return SFTPAttributes._from_msg(stat_reply)
+
+    def _close_and_rename(self, handle: Any, temp: str, target: str) -> None:
+        """Close the temporary file and rename it over the target, in one round trip (the
+        server waits for the handle's writes before the close, and renames after it)."""
+        closed, renamed = pipeline(
+            self.sftp,
+            (CMD_CLOSE, (handle.handle,)),
+            (CMD_EXTENDED, ("posix-rename@openssh.com", temp, target)),
+        )
+        handle._closed = True  # paramiko's own flag: do not close it again
+        if isinstance(renamed, OSError):
+            self._rename_failed(renamed, target)
+        if isinstance(closed, OSError):  # published all the same: the writes had succeeded
+            logger.warning("closing %s in %s failed after the push: %s", temp, self.where, closed)
+
     def _still_held(self) -> None:
         if not self.req.held():
             raise NotHeld(
@@ -691,19 +715,16 @@ class _Delivery:
                 "stopped before publishing it"
             )
 
-    def _rename(self, temp: str, target: str) -> None:
-        try:
-            self.sftp.posix_rename(temp, target)
-        except FileNotFoundError as exc:
+    def _rename_failed(self, exc: OSError, target: str) -> None:
+        if isinstance(exc, FileNotFoundError):
             # Our sibling is gone: removed as stale by a concurrent push after a long stall, or
             # its directory was removed. Another attempt sorts out which.
             raise TransientPushError(
                 f"the temporary file for {target} in {self.where} disappeared before the rename"
             ) from exc
-        except OSError as exc:
-            if self._is_directory(target):
-                raise PermanentPushError(f"{self.req.path} is a directory in {self.where}") from exc
-            raise self._failed(exc, "replacing", target) from exc
+        if self._is_directory(target):
+            raise PermanentPushError(f"{self.req.path} is a directory in {self.where}") from exc
+        raise self._failed(exc, "replacing", target) from exc
 
     def _discard(self, handle: Any, temp: str) -> None:
         """Best effort: close and remove our temporary sibling after a failure."""

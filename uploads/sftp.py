@@ -202,3 +202,22 @@ def finish_pipelined_writes(handle: Any) -> None:
     outstanding = handle._reqs
     while outstanding:
         handle.sftp._read_response(outstanding.popleft())
+
+
+def pipeline(sftp: Any, *requests: tuple[int, tuple[Any, ...]]) -> list[Any]:
+    """Send several requests at once, then collect their replies in order: one round trip
+    instead of one each. The server (pkg/sftp) answers in the order it was asked and runs
+    everything but reads and writes one after the other, in order; a close first waits for the
+    handle's writes. Each reply is a paramiko `Message` (None for a plain success), or the
+    OSError its status raised: every reply is read, so the session stays in step."""
+    # Private to paramiko (stable from 2.x to 4.x): send without waiting, then wait for one
+    # reply and raise its error status.
+    numbers = [sftp._async_request(type(None), kind, *args) for kind, args in requests]
+    replies: list[Any] = []
+    for number in numbers:
+        try:
+            _, message = sftp._read_response(number)
+        except OSError as exc:
+            message = exc
+        replies.append(message)
+    return replies
