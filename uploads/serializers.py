@@ -57,10 +57,10 @@ def parse_mode(value: str | None) -> int | None:
     return int(match.group(1), 8)
 
 
-class UploadParamsSerializer(serializers.Serializer[dict[str, Any]]):
-    """What a client says about an upload, from either the raw form's headers or form fields."""
+class UploadOptionsSerializer(serializers.Serializer[dict[str, Any]]):
+    """What a client says about an upload but its instance, from either the raw form's headers
+    or form fields."""
 
-    container = serializers.CharField(max_length=63, trim_whitespace=True)
     path = serializers.CharField(max_length=MAX_PATH_BYTES * 4, trim_whitespace=False)
     project = serializers.CharField(max_length=63, required=False, default="default")
     remote = serializers.CharField(max_length=63, required=False, default="local")
@@ -80,17 +80,6 @@ class UploadParamsSerializer(serializers.Serializer[dict[str, Any]]):
         default=None,
         error_messages={"invalid": _("A SHA-256 is 64 hexadecimal digits.")},
     )
-
-    def validate_container(self, value: str) -> str:
-        if not INSTANCE_NAME.match(value):
-            raise serializers.ValidationError(
-                _(
-                    "'%(name)s' is not a valid Incus instance name: 1-63 letters, digits and "
-                    "hyphens, starting with a letter and not ending with a hyphen."
-                )
-                % {"name": value}
-            )
-        return value
 
     def validate_project(self, value: str) -> str:
         if not PROJECT_NAME.match(value):
@@ -122,6 +111,28 @@ class UploadParamsSerializer(serializers.Serializer[dict[str, Any]]):
         return parse_mode(value)
 
 
+class UploadParamsSerializer(UploadOptionsSerializer):
+    """An upload's instance and options."""
+
+    container = serializers.CharField(max_length=63, trim_whitespace=True)
+
+    # The instance comes first, in the fields and so in the errors.
+    def get_fields(self) -> dict[str, serializers.Field]:
+        fields = super().get_fields()
+        return {"container": fields.pop("container"), **fields}
+
+    def validate_container(self, value: str) -> str:
+        if not INSTANCE_NAME.match(value):
+            raise serializers.ValidationError(
+                _(
+                    "'%(name)s' is not a valid Incus instance name: 1-63 letters, digits and "
+                    "hyphens, starting with a letter and not ending with a hyphen."
+                )
+                % {"name": value}
+            )
+        return value
+
+
 def parse_upload_params(data: dict[str, Any]) -> dict[str, Any]:
     """Validate an upload's parameters (None: not given) into what UploadParamsSerializer
     gives: the plain cases cheaply, anything else (and every error) through the serializer.
@@ -143,11 +154,30 @@ _PLAIN_ID = re.compile(r"^[0-9]{1,10}$")
 _PLAIN_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
+def parse_upload_options(data: dict[str, Any]) -> dict[str, Any]:
+    """Validate an upload's parameters but its instance (`container` is ignored), as
+    parse_upload_params does."""
+    options = {k: v for k, v in data.items() if k != "container"}
+    plain = _plain_options(options)
+    if plain is not None:
+        return plain
+    params = UploadOptionsSerializer(data={k: v for k, v in options.items() if v is not None})
+    params.is_valid(raise_exception=True)
+    return dict(params.validated_data)
+
+
 def _plain_params(data: dict[str, Any]) -> dict[str, Any] | None:
     """The validated parameters when every one is given in its plainest form, else None."""
-    container, path = data.get("container"), data.get("path")
+    container = data.get("container")
     if not isinstance(container, str) or not INSTANCE_NAME.match(container):
         return None
+    options = _plain_options(data)
+    return None if options is None else {"container": container, **options}
+
+
+def _plain_options(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The validated parameters but the instance, when each is given in its plainest form."""
+    path = data.get("path")
     if not isinstance(path, str) or not _PLAIN_TEXT.match(path):
         return None
     try:
@@ -194,7 +224,6 @@ def _plain_params(data: dict[str, Any]) -> dict[str, Any] | None:
     if sha256 is not None and (not isinstance(sha256, str) or not _PLAIN_SHA256.match(sha256)):
         return None
     return {
-        "container": container,
         "path": cleaned_path,
         "project": project if project is not None else "default",
         "remote": remote if remote is not None else "local",
