@@ -4,6 +4,7 @@ import base64
 import binascii
 import functools
 import re
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
@@ -416,12 +417,12 @@ class UploadViewSet(
         headers = {}
         if wait and not task.is_finished:
 
-            def finished() -> bool:
+            def unfinished() -> list[uuid.UUID]:
                 task.refresh_from_db(fields=["status"])
-                return task.is_finished
+                return [] if task.is_finished else [task.pk]
 
             try:
-                if not waiters.wait(task.pk, wait, finished):
+                if not waiters.wait([task.pk], wait, unfinished):
                     headers["Wait-Timed-Out"] = "true"
             except TooManyWaiters:
                 headers["Retry-After"] = "1"
