@@ -13,7 +13,8 @@ from rest_framework.reverse import reverse
 
 from uploads.conf import uploads_settings
 from uploads.grants import MAX_ID
-from uploads.models import Status, UploadTask
+from uploads.models import FINISHED, Status, UploadBatch, UploadTask
+from uploads.selectors import is_glob
 
 # Incus instance names are hostnames: letters, digits and hyphens, 1-63 characters, not
 # starting with a digit or a hyphen, not ending with a hyphen.
@@ -284,6 +285,7 @@ class UploadTaskSerializer(serializers.ModelSerializer[UploadTask]):
             "created_at": _datetime(task.created_at),
             "started_at": _datetime(task.started_at),
             "finished_at": _datetime(task.finished_at),
+            "batch": None if task.batch_id is None else str(task.batch_id),
         }
 
     class Meta:
@@ -311,11 +313,55 @@ class UploadTaskSerializer(serializers.ModelSerializer[UploadTask]):
             "created_at",
             "started_at",
             "finished_at",
+            "batch",
         ]
         read_only_fields = fields
 
     def get_url(self, obj: UploadTask) -> str:
         return reverse("upload-detail", args=[obj.pk], request=self.context.get("request"))
+
+
+class BatchSerializer(serializers.ModelSerializer[UploadBatch]):
+    """A fan-out: its destinations' tasks (in instance-name order), how many are in each
+    state, and whether every one is finished. Expects `tasks` in its context."""
+
+    url = serializers.SerializerMethodField()
+    counts = serializers.SerializerMethodField()
+    finished = serializers.SerializerMethodField()
+    tasks = serializers.SerializerMethodField()
+
+    class Meta:
+        model = UploadBatch
+        fields = ["id", "url", "count", "requested", "created_at", "counts", "finished", "tasks"]
+        read_only_fields = fields
+
+    def _tasks(self) -> list[UploadTask]:
+        tasks: list[UploadTask] = self.context["tasks"]
+        return tasks
+
+    def get_url(self, obj: UploadBatch) -> str:
+        return reverse("batch-detail", args=[obj.pk], request=self.context.get("request"))
+
+    @extend_schema_field(
+        {
+            "type": "object",
+            "properties": {status: {"type": "integer"} for status in Status.values},
+            "description": "How many of the batch's tasks are in each state.",
+        }
+    )
+    def get_counts(self, obj: UploadBatch) -> dict[str, int]:
+        counts = dict.fromkeys(Status.values, 0)
+        for task in self._tasks():
+            counts[task.status] += 1
+        return counts
+
+    def get_finished(self, obj: UploadBatch) -> bool:
+        return all(task.status in FINISHED for task in self._tasks())
+
+    @extend_schema_field(UploadTaskSerializer(many=True))
+    def get_tasks(self, obj: UploadBatch) -> list[dict[str, Any]]:
+        render = UploadTaskSerializer(context=self.context)
+        return [render.to_representation(task) for task in self._tasks()]
 
 
 class RetryChangesSerializer(serializers.Serializer[dict[str, Any]]):
@@ -333,3 +379,52 @@ class RetryChangesSerializer(serializers.Serializer[dict[str, Any]]):
 class UploadListQuerySerializer(serializers.Serializer[dict[str, Any]]):
     status = serializers.ChoiceField(choices=Status.choices, required=False)
     container = serializers.CharField(required=False, max_length=63)
+    batch = serializers.UUIDField(required=False, help_text="Only the tasks of this batch")
+
+
+# A glob over instance names: fnmatch's `*`, `?` and `[...]` (`[!...]` negates) among the
+# characters of a name.
+INSTANCE_GLOB = re.compile(r"^[A-Za-z0-9*?\[\]!-]{1,63}$")
+
+
+def fanout_instances(value: str | list[str] | None) -> list[str] | None:
+    """The instances an upload names, when it names several or a glob: a comma-separated list
+    (the raw form's header), or repeated fields (multipart), each a name or a glob. None when
+    it names one instance without glob characters (validated as ever, by parse_upload_params).
+    """
+    values = [value] if isinstance(value, str) else list(value or [])
+    items = [item.strip() for text in values for item in text.split(",")]
+    if not values or (len(values) == 1 and len(items) == 1 and not is_glob(items[0])):
+        return None
+    for item in items:
+        if not item:
+            raise serializers.ValidationError(
+                {"container": [_("An empty instance name in the list.")]}
+            )
+        if is_glob(item):
+            if not INSTANCE_GLOB.match(item):
+                raise serializers.ValidationError(
+                    {
+                        "container": [
+                            _(
+                                "'%(glob)s' is not a glob over instance names: 1-63 letters, "
+                                "digits, hyphens and * ? [ ] !."
+                            )
+                            % {"glob": item}
+                        ]
+                    }
+                )
+        elif not INSTANCE_NAME.match(item):
+            raise serializers.ValidationError(
+                {
+                    "container": [
+                        _(
+                            "'%(name)s' is not a valid Incus instance name: 1-63 letters, "
+                            "digits and hyphens, starting with a letter and not ending with "
+                            "a hyphen."
+                        )
+                        % {"name": item}
+                    ]
+                }
+            )
+    return list(dict.fromkeys(items))
