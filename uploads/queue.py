@@ -627,10 +627,17 @@ def complete(completions: Sequence[Completion]) -> dict[Claim, str | None]:
         batch = [done for done in completions if done.result != Result.REFUSED]
         by_id = {done.claim.task.id: done.claim for done in batch}
         statuses.update(dict.fromkeys(by_id.values()))
+        shared: list[str] = []
         for task_id, new_status, free, name in _complete_batch(batch):
             statuses[by_id[_uuid(task_id)]] = new_status
             if free:
                 freed.append(name)
+            elif new_status == Status.SUCCEEDED and name:
+                shared.append(name)
+        # A body shared by a fan-out's tasks: a worker completing the last sibling at the same
+        # moment saw this one as still running, and this statement saw it so too. Asked again
+        # now, after this commit, the later of the two sees both successes.
+        freed.extend(unneeded_bodies(sorted(set(shared))))
     if one_by_one:
         with transaction.atomic():
             for done in one_by_one:
