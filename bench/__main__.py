@@ -1,4 +1,4 @@
-"""`python -m bench [ingest|e2e|queue|push_speed ...] [--quick] [--profile] ...`: run benchmarks.
+"""`python -m bench [ingest|e2e|queue|push_speed|fanout ...] [--quick] [--profile]`: run benchmarks.
 
 Prepares one run (a temporary directory, fresh SQLite and PostgreSQL databases, a user with a
 token, the Go reference built when `go` is on PATH), runs the chosen benchmarks in order, prints
@@ -50,8 +50,9 @@ BENCHMARKS = {
     "ingest": "bench.ingest",
     "push_speed": "bench.push_speed_runner",
     "webserver": "bench.webserver",
+    "fanout": "bench.fanout",
 }
-NEEDS_INCUS = {"e2e", "push_speed"}
+NEEDS_INCUS = {"e2e", "push_speed", "fanout"}
 # Runs without Incus, but one of its variants pushes into the container.
 USES_INCUS = {"small"}
 

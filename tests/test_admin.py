@@ -17,7 +17,7 @@ from django.utils import timezone
 from django.utils.html import escape
 
 from tests.conftest import spool_files
-from tests.factories import make_task
+from tests.factories import make_batch, make_task
 from uploads import queue, services
 from uploads.models import AuditEvent, Outcome, Status, UploadAttempt, UploadTask
 from uploads.queue import Completion, Result
@@ -642,3 +642,29 @@ class TestAttemptAdmin:
         assert admin_client.post(url, {"error": "changed"}).status_code == 403
         attempt.refresh_from_db()
         assert attempt.error == "boom"
+
+
+class TestBatches:
+    def test_each_task_links_to_its_batch_whose_tasks_a_filter_lists_and_retries(
+        self, admin_client: Client, user: Any, spool: Path
+    ) -> None:
+        batch = make_batch(user, ["web1", "web2", "web3"])
+        alone = failed(user)
+        tasks = {t.instance: t for t in UploadTask.objects.filter(batch=batch)}
+        for name in ("web1", "web2"):
+            set_state(tasks[name], status=Status.FAILED, last_error=ERROR)
+        set_state(tasks["web3"], status=Status.SUCCEEDED)
+        page = admin_client.get(CHANGELIST)
+        link = f'<a href="{CHANGELIST}?batch={batch.pk}" title="{batch.pk}">{str(batch.pk)[:8]}</a>'
+        assert page.content.decode().count(link) == 3
+        assert f"{str(batch.pk)[:8]} web1,web2,web3 (3)" in page.content.decode()  # a choice
+        filtered = admin_client.get(f"{CHANGELIST}?batch={batch.pk}")
+        assert listed(filtered) == {t.pk for t in tasks.values()}
+        assert listed(admin_client.get(f"{CHANGELIST}?batch=junk")) == set()
+        assert alone.pk in listed(page)
+        assert link in admin_client.get(change_url(tasks["web1"])).content.decode()
+        response = run_action(admin_client, "retry_selected", list(tasks.values()))
+        assert texts(response) == ["Retried 2 uploads; skipped 1 that was not failed or cancelled."]
+        statuses = dict(UploadTask.objects.filter(batch=batch).values_list("instance", "status"))
+        assert statuses == {"web1": "pending", "web2": "pending", "web3": "succeeded"}
+        assert len(spool_files(spool)) == 2  # the batch's one body, and the other upload's

@@ -25,7 +25,7 @@ from django.contrib.auth.models import User
 from rest_framework.authtoken.models import Token
 
 from tests.conftest import ROOT, Server, subprocess_env
-from tests.incus_utils import RUNNING, run_in, sha256_in, stat_in, unique_dir
+from tests.incus_utils import IMAGE, RUNNING, incus, run_in, sha256_in, stat_in, unique_dir
 from uploads.cli.sources import Target, UsageError, parse_target
 from uploads.models import AuditEvent, Status, UploadTask
 
@@ -192,6 +192,61 @@ def test_refused_push_exits_1_with_the_servers_message_and_queues_nothing(
     assert bad.stderr == (
         "uploadsvc: 401 Unauthorized: Invalid token. (set UPLOADSVC_TOKEN or --token)\n"
     )
+
+
+@pytest.mark.incus
+def test_one_file_to_a_glob_and_to_several_targets_is_sent_once_each_time(
+    delivering: Service, tmp_path: Path
+) -> None:
+    prefix = f"uploadsvc-clifan{uuid.uuid4().hex[:6]}"
+    names = [f"{prefix}-{n}" for n in range(3)]
+    for name in names:
+        incus("init", IMAGE, name)
+    try:
+        body = os.urandom(150_000)
+        local = tmp_path / "app.bin"
+        local.write_bytes(body)
+        result = delivering.run("push", "--wait", "-p", str(local), f"{prefix}-*/srv/app.bin")
+        assert result.returncode == 0, result.stderr
+        assert [(where, status) for _, where, status in lines(result.stdout)] == [
+            (f"{name}/srv/app.bin", "succeeded") for name in names
+        ]
+        # -t targets must name one path; there a file stands where a directory must be.
+        run = delivering.run(
+            "push",
+            "--wait",
+            str(local),
+            "-t",
+            f"{names[0]}/srv/again.bin",
+            "-t",
+            f"{names[1]}/srv/again.bin",
+            "-t",
+            f"{names[2]}/srv/app.bin/again.bin",
+        )
+        assert run.returncode == 2  # not the same path: a usage error, nothing sent
+        run = delivering.run(
+            "push",
+            "--wait",
+            str(local),
+            "-t",
+            f"{names[0]}/srv/app.bin/x",
+            "-t",
+            f"{names[1]}/srv/app.bin/x",
+        )
+        assert run.returncode == 1
+        assert [status for _, _, status in lines(run.stdout)] == ["failed", "failed"]
+        assert run.stderr == "".join(
+            f"uploadsvc: push to {name}/srv/app.bin/x failed: /srv/app.bin is not a directory "
+            f"in {name}\n"
+            for name in names[:2]
+        )
+        batches = {task.batch_id for task in UploadTask.objects.all()}
+        assert len(batches) == 2 and None not in batches  # one upload each time
+        for name in names:
+            assert sha256_in(name, "/srv/app.bin") == hashlib.sha256(body).hexdigest()
+    finally:
+        for name in names:
+            incus("delete", "--force", name, check=False)
 
 
 @pytest.mark.incus
@@ -536,6 +591,8 @@ def test_progress_line_on_a_terminal(delivering: Service, workdir: str, tmp_path
         (["push", "--mode", "0999", "a.txt", "web1/x"], "'0999' is not an octal file mode"),
         (["push", "--uid", "-1", "a.txt", "web1/x"], "-1 is not between 0 and 4294967295"),
         (["push", "--remote", "b", "a.txt", "a:web1/x"], "the target names remote 'a'"),
+        (["push", "a.txt", "-t", "web1/x", "-t", "web2/y"], "must differ only in the instance"),
+        (["push", "-t", "web1/x"], "push needs a source"),
         (["status", "12"], "'12' is not an upload id"),
         (["ls", "--status", "lost"], "invalid choice: 'lost'"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -564,7 +621,8 @@ def test_help_reads_like_incus_file_push() -> None:
         [UPLOADSVC, "push", "--help"], capture_output=True, text=True, check=True
     )
     assert result.stdout.startswith(
-        "usage: uploadsvc push [flags] <source path>... [<remote>:]<instance>/<path>\n"
+        "usage: uploadsvc push [flags] <source path>... "
+        "[<remote>:]<instance>[,<instance>...]/<path>\n"
     )
     for flag in ("-p, --create-dirs", "-r, --recursive", "--mode MODE", "--uid UID", "--wait"):
         assert flag in result.stdout

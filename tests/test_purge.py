@@ -12,8 +12,8 @@ from django.core.management import call_command
 from django.utils import timezone
 
 from tests.conftest import spool_files
-from tests.factories import make_task
-from uploads.models import Status, UploadAttempt, UploadTask
+from tests.factories import make_batch, make_task
+from uploads.models import Status, UploadAttempt, UploadBatch, UploadTask
 
 pytestmark = pytest.mark.django_db
 
@@ -50,3 +50,23 @@ def test_purge_removes_old_orphan_spool_files_only(user: Any, spool: Path) -> No
     call_command("purge_uploads", stdout=StringIO())
     assert set(spool_files(spool)) == {task.spool_name, fresh_orphan.name}
     assert UploadAttempt.objects.count() == 0
+
+
+def test_a_fanouts_body_stays_while_one_of_its_tasks_may_need_it(user: Any, spool: Path) -> None:
+    batch = make_batch(user, ["web1", "web2", "web3"])
+    first, second, third = UploadTask.objects.filter(batch=batch).order_by("instance")
+    age(first, Status.SUCCEEDED, 20)
+    age(second, Status.FAILED, 20)  # may still be retried, until it is purged
+    age(third, Status.SUCCEEDED, 1)
+    call_command(
+        "purge_uploads", "--older-than", "14", "--failed-older-than", "30", stdout=StringIO()
+    )
+    assert set(UploadTask.objects.values_list("pk", flat=True)) == {second.pk, third.pk}
+    assert spool_files(spool) == [first.spool_name]
+    call_command(
+        "purge_uploads", "--older-than", "14", "--failed-older-than", "10", stdout=StringIO()
+    )
+    assert spool_files(spool) == []  # the failed one went; the one left had succeeded
+    call_command("purge_uploads", "--older-than", "0", stdout=StringIO())
+    assert not UploadTask.objects.exists()
+    assert not UploadBatch.objects.exists()  # the batch went with its last task

@@ -17,7 +17,7 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from tests.conftest import spool_files
-from tests.factories import make_task
+from tests.factories import make_batch, make_task
 from uploads import queue, services, wakeup
 from uploads.models import AuditEvent, Outcome, Status, UploadAttempt, UploadTask
 from uploads.queue import Completion, Result
@@ -412,3 +412,30 @@ def test_sqlite_commits_are_synced(settings: Any) -> None:
     with connection.cursor() as cursor:
         cursor.execute("PRAGMA synchronous")
         assert cursor.fetchone()[0] == 2  # FULL
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_shared_body_goes_when_the_last_two_tasks_complete_at_the_same_moment(
+    user: Any, spool: Path
+) -> None:
+    """Two workers record the last two successes of a fan-out at once: on PostgreSQL each
+    statement sees the other task still running (without the look after the commit, about
+    half of these rounds left the file behind)."""
+    for _ in range(20):
+        make_batch(user, ["web1", "web2"], b"x" * 100_000)
+        claims = queue.claim(worker_id="w", limit=2)
+        together = threading.Barrier(2)
+
+        def record(claim: queue.Claim, together: threading.Barrier = together) -> None:
+            try:
+                together.wait()
+                queue.complete([Completion(claim, Result.SUCCEEDED)])
+            finally:
+                connection.close()
+
+        workers = [threading.Thread(target=record, args=(claim,)) for claim in claims]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert spool_files(spool) == []

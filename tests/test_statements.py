@@ -73,3 +73,15 @@ def test_completing_a_batch_costs_one_statement_on_postgresql(user: Any) -> None
     ]
     # SQLite: per task its update and its attempt's, then which files nobody needs.
     assert len(statements(ctx)) == (1 if postgresql() else 5 * 2 + 1)
+
+
+def test_an_accepted_fanout_is_one_insert(api: APIClient) -> None:
+    assert raw_upload(api).status_code == 202  # the token and grants are cached from here on
+    with CaptureQueriesContext(connection) as ctx:
+        response = raw_upload(api, x_container_name="web1,web2,web3")
+    assert response.status_code == 202 and response.json()["count"] == 3
+    sql = statements(ctx)
+    if postgresql():  # the batch and its tasks together; then the batch's tasks for the answer
+        assert len(sql) == 2 and sql[0].lstrip().startswith("WITH batch AS (")
+    else:  # the generation, the batch, its tasks in one INSERT; then the answer's read
+        assert len(sql) == 4 and sql[2].startswith('INSERT INTO "uploads_uploadtask"')

@@ -35,7 +35,15 @@ from uploads import selectors, services, spool
 from uploads.audit import audit
 from uploads.conf import uploads_settings
 from uploads.grants import parse_owner
-from uploads.models import AuditEvent, Grant, Status, UploadAttempt, UploadTask, WorkerHeartbeat
+from uploads.models import (
+    AuditEvent,
+    Grant,
+    Status,
+    UploadAttempt,
+    UploadBatch,
+    UploadTask,
+    WorkerHeartbeat,
+)
 
 if TYPE_CHECKING:
     TaskAdminBase = admin.ModelAdmin[UploadTask]
@@ -157,6 +165,32 @@ class UploadAttemptInline(AttemptInlineBase):
         )
 
 
+class BatchFilter(admin.SimpleListFilter):
+    """The tasks of one fan-out: the newest batches to choose from, and any batch by its id
+    (`?batch=<id>`, where each task's batch links to)."""
+
+    title = _("batch")
+    parameter_name = "batch"
+    shown = 20
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        batches = UploadBatch.objects.order_by("-created_at")[: self.shown]
+        choices = [(str(b.pk), f"{str(b.pk)[:8]} {b.requested} ({b.count})") for b in batches]
+        value = self.value()
+        if value and value not in {pk for pk, _ in choices}:
+            choices.insert(0, (value, value[:8]))
+        return choices
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        if not value:
+            return queryset
+        try:
+            return queryset.filter(batch=uuid.UUID(value))
+        except ValueError:
+            return queryset.none()
+
+
 @admin.register(UploadTask)
 class UploadTaskAdmin(TaskAdminBase):
     list_display = (
@@ -169,12 +203,14 @@ class UploadTaskAdmin(TaskAdminBase):
         "attempts_display",
         "last_error_display",
         "owner",
+        "batch_link",
         "created_at",
         "finished_at",
     )
     list_display_links = ("short_id",)
     list_filter = (
         "status",
+        BatchFilter,
         "instance",
         "project",
         "remote",
@@ -211,6 +247,7 @@ class UploadTaskAdmin(TaskAdminBase):
                     ("mode_display", "uid", "gid"),
                     "create_dirs",
                     ("spool_name", "spool_file_display"),
+                    "batch_link",
                     "idempotency_key",
                     "api_link",
                 )
@@ -277,6 +314,16 @@ class UploadTaskAdmin(TaskAdminBase):
         if task.status in RETRYABLE:
             return str(_("no: the file is gone, so this upload cannot be retried"))
         return str(_("no"))
+
+    @admin.display(description=_("batch"), ordering="batch")
+    def batch_link(self, task: UploadTask) -> SafeString | str:
+        """A fan-out's tasks: the batch's id, linking to the list of its tasks."""
+        if task.batch_id is None:
+            return self.get_empty_value_display()
+        url = reverse("admin:uploads_uploadtask_changelist") + f"?batch={task.batch_id}"
+        return format_html(
+            '<a href="{}" title="{}">{}</a>', url, task.batch_id, str(task.batch_id)[:8]
+        )
 
     @admin.display(description=_("API"))
     def api_link(self, task: UploadTask) -> SafeString:

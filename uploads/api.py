@@ -4,6 +4,7 @@ import base64
 import binascii
 import functools
 import re
+import uuid
 from typing import Any, cast
 
 from django.contrib.auth.models import User
@@ -11,7 +12,12 @@ from django.http import HttpRequest, QueryDict
 from django.http.response import HttpResponseBase
 from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    PolymorphicProxySerializer,
+    extend_schema,
+)
 from rest_framework import mixins, status, viewsets
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.decorators import action
@@ -27,7 +33,7 @@ from rest_framework.parsers import BaseParser, FormParser, JSONParser, MultiPart
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from uploads import metrics, selectors, services, spool
+from uploads import incus, metrics, selectors, services, spool
 from uploads.access import Access, StaleAccess
 from uploads.access import cache as access_cache
 from uploads.audit import audit
@@ -37,17 +43,22 @@ from uploads.exceptions import (
     BodyTimeout,
     IdempotencyKeyReused,
     IncompleteBody,
+    IncusUnavailable,
     InsufficientStorage,
     LengthRequired,
     PayloadTooLarge,
     QueueFull,
     as_http_error,
 )
-from uploads.models import UploadTask
+from uploads.models import UploadBatch, UploadTask
+from uploads.pushers import PermanentPushError, PushError
 from uploads.serializers import (
+    BatchSerializer,
     RetryChangesSerializer,
     UploadListQuerySerializer,
     UploadTaskSerializer,
+    fanout_instances,
+    parse_upload_options,
     parse_upload_params,
 )
 from uploads.waiting import TooManyWaiters, waiters
@@ -89,7 +100,15 @@ RAW_UPLOAD_PARAMETERS = [
             "Both upload forms."
         ),
     ),
-    OpenApiParameter("X-Container-Name", str, OpenApiParameter.HEADER, description="Instance name"),
+    OpenApiParameter(
+        "X-Container-Name",
+        str,
+        OpenApiParameter.HEADER,
+        description=(
+            "Instance name; or several, comma-separated, and globs (`web-*`): the body is "
+            "then stored once and delivered to each (a batch)"
+        ),
+    ),
     OpenApiParameter(
         "X-File-Path", str, OpenApiParameter.HEADER, description="Absolute destination path"
     ),
@@ -142,13 +161,15 @@ ERRORS = {
     400: "A missing or invalid parameter (the body names the field), a multipart body without "
     "`file`, a body shorter than its Content-Length, or a digest that does not match.",
     401: "No, bad, revoked or expired credentials.",
-    403: "No grant lets you write there.",
+    403: "No grant lets you write there (to one of the instances named, for a fan-out).",
+    404: "A glob matched no instance you may write the file to, or the project does not exist.",
     408: "The client stopped sending the body.",
     411: "No Content-Length and a body the server cannot read as chunked.",
     413: "Larger than the server or your grant accepts (answered before the body is read).",
     415: "A form-encoded or JSON body.",
     422: "An Idempotency-Key already used for an upload to a different destination.",
-    503: "Too many uploads waiting, or the database is unavailable (see Retry-After).",
+    503: "Too many uploads waiting, the database is unavailable, or Incus could not list the "
+    "instances a glob is matched against (see Retry-After).",
     507: "No room on the spool's filesystem.",
 }
 
@@ -183,8 +204,9 @@ def _is_chunked(request: Request) -> bool:
     return "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower()
 
 
-def _check_capacity(request: Request) -> int | None:
-    """The checks answered before a single byte of the body is read."""
+def _check_capacity(request: Request, copies: int = 1) -> int | None:
+    """The checks answered before a single byte of the body is read. `copies`: how many tasks
+    will carry the body."""
     length = _content_length(request)
     max_size = uploads_settings.MAX_UPLOAD_SIZE
     if length is None and not _is_chunked(request):
@@ -195,14 +217,31 @@ def _check_capacity(request: Request) -> int | None:
         )
     if selectors.pending_count_recent() >= uploads_settings.MAX_PENDING:
         raise QueueFull(wait=uploads_settings.RETRY_AFTER_SECONDS)
-    small = length is not None and length <= uploads_settings.INLINE_MAX_BYTES
+    small = length is not None and _inline(length, copies)
     if not small and not spool.has_room_for(length or 0):  # a small body needs no spool
         raise InsufficientStorage()
     return length
 
 
+def _inline(length: int, copies: int) -> bool:
+    """Whether a body travels in its tasks' rows: while the copies together are small."""
+    return length * copies <= uploads_settings.INLINE_MAX_BYTES
+
+
 def _validated(data: dict[str, Any]) -> dict[str, Any]:
-    return parse_upload_params(data)
+    """The upload's parameters; for one naming several instances or a glob (a fan-out), the
+    options with the instances as requested under `instances`."""
+    instances = fanout_instances(data.get("container"))
+    if instances is None:
+        if isinstance(data.get("container"), list):  # one multipart field
+            data = {**data, "container": data["container"][0]}
+        return parse_upload_params(data)
+    return {**parse_upload_options(data), "instances": instances}
+
+
+def _upload_options(params: dict[str, Any]) -> dict[str, Any]:
+    """What services.upload_fanout takes of a fan-out's parameters."""
+    return {name: value for name, value in params.items() if name != "instances"}
 
 
 def _expected_sha256(request: Request) -> str | None:
@@ -270,6 +309,52 @@ def _check_granted(request: Request, params: dict[str, Any], size: int | None) -
         raise services.NotGranted(permission.reason, too_large=permission.too_large)
 
 
+def _listing(request: Request, remote: str, project: str) -> list[str]:
+    """The instances of a project on a remote, asked of Incus once per request."""
+    listed: dict[tuple[str, str], list[str]] = request._request.__dict__.setdefault(
+        "uploads_listed", {}
+    )
+    if (remote, project) not in listed:
+        try:
+            listed[remote, project] = incus.instance_names(remote=remote, project=project)
+        except PermanentPushError as exc:
+            raise NotFound(exc.message) from exc
+        except PushError as exc:
+            raise IncusUnavailable(exc.message, wait=uploads_settings.RETRY_AFTER_SECONDS) from exc
+    return listed[remote, project]
+
+
+def _destinations(request: Request, params: dict[str, Any], size: int | None) -> list[str]:
+    """The instances a fan-out goes to (services.fanout_destinations), checked against the
+    grants as _check_granted does: refused on cached grants, checked again on fresh ones."""
+
+    def resolve(grants: selectors.OwnerGrants) -> list[str]:
+        return services.fanout_destinations(
+            grants,
+            requested=params["instances"],
+            list_instances=lambda: _listing(request, params["remote"], params["project"]),
+            remote=params["remote"],
+            project=params["project"],
+            path=params["path"],
+            size=size,
+            uid=params["uid"],
+            gid=params["gid"],
+        )
+
+    cached = request.auth if isinstance(request.auth, Access) else None
+    if cached is None:
+        user = cast(User, request.user)
+        return resolve(selectors.owner_grants([user.pk])[user.pk])
+    try:
+        return resolve(cached.grants)
+    except (services.NotGranted, services.NoMatchingInstance):
+        # Grants cached in this process may miss one added since: refuse only on fresh ones.
+        access_cache.forget(cached.key)
+        request.user, fresh = user_of(access_cache.load(cached.key))
+        request.auth = fresh
+        return resolve(fresh.grants)
+
+
 def _timed_out(exc: BaseException) -> bool:
     while exc is not None:
         if isinstance(exc, TimeoutError):
@@ -302,14 +387,21 @@ def _raw_params(request: Request) -> dict[str, Any]:
     return _validated({**raw, "sha256": _expected_sha256(request)})
 
 
-def _check_same_upload(params: dict[str, Any], task: UploadTask) -> None:
-    """A resend must name the destination the key was first used for."""
-    sent = (params["remote"], params["project"], params["container"], params["path"])
-    if sent != (task.remote, task.project, task.instance, task.path):
+def _check_same_upload(params: dict[str, Any], earlier: UploadTask | UploadBatch) -> None:
+    """A resend must name the destination the key was first used for (for a fan-out: the
+    instances as it named them)."""
+    requested = ",".join(params["instances"]) if "instances" in params else params["container"]
+    sent = (params["remote"], params["project"], requested, params["path"])
+    if isinstance(earlier, UploadBatch):
+        task = selectors.batch_tasks(earlier).first()
+        instances, what = earlier.requested, f"batch {earlier.pk}"
+    else:
+        task, instances, what = earlier, earlier.instance, f"upload {earlier.pk}"
+    if task is None or sent != (task.remote, task.project, instances, task.path):
+        where = "" if task is None else f" to {task.remote}:{task.project}/{instances}:{task.path}"
         raise IdempotencyKeyReused(
-            f"This Idempotency-Key was used for upload {task.pk} to "
-            f"{task.remote}:{task.project}/{task.instance}:{task.path}; use a new key for "
-            "a different upload."
+            f"This Idempotency-Key was used for {what}{where}; use a new key for a different "
+            "upload."
         )
 
 
@@ -398,12 +490,12 @@ class UploadViewSet(
         headers = {}
         if wait and not task.is_finished:
 
-            def finished() -> bool:
+            def unfinished() -> list[uuid.UUID]:
                 task.refresh_from_db(fields=["status"])
-                return task.is_finished
+                return [] if task.is_finished else [task.pk]
 
             try:
-                if not waiters.wait(task.pk, wait, finished):
+                if not waiters.wait([task.pk], wait, unfinished):
                     headers["Wait-Timed-Out"] = "true"
             except TooManyWaiters:
                 headers["Retry-After"] = "1"
@@ -423,7 +515,9 @@ class UploadViewSet(
         summary="Upload a file for delivery into an Incus instance",
         description=(
             "Either a raw body (any Content-Type but forms; parameters in X-* headers) or "
-            "multipart/form-data with a `file` part. Answers 202 as soon as the body is spooled."
+            "multipart/form-data with a `file` part. Answers 202 as soon as the body is spooled: "
+            "with the task, or, for several instances or a glob (a fan-out), with the batch "
+            "(`Location: /api/batches/<id>/`) and its tasks, one per instance."
         ),
         parameters=RAW_UPLOAD_PARAMETERS,
         request={
@@ -432,7 +526,11 @@ class UploadViewSet(
                 "type": "object",
                 "properties": {
                     "file": {"type": "string", "format": "binary"},
-                    "container": {"type": "string"},
+                    "container": {
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "description": "An instance, or several (repeated), names or globs",
+                    },
                     "path": {"type": "string"},
                     "mode": {"type": "string"},
                     "uid": {"type": "integer"},
@@ -449,10 +547,16 @@ class UploadViewSet(
             },
         },
         responses={
-            202: UploadTaskSerializer,
+            202: PolymorphicProxySerializer(
+                component_name="Accepted",
+                serializers=[UploadTaskSerializer, BatchSerializer],
+                resource_type_field_name=None,
+                many=False,
+            ),
             400: OpenApiResponse(description=ERRORS[400]),
             401: OpenApiResponse(description=ERRORS[401]),
             403: OpenApiResponse(description=ERRORS[403]),
+            404: OpenApiResponse(description=ERRORS[404]),
             408: OpenApiResponse(description=ERRORS[408]),
             411: OpenApiResponse(description=ERRORS[411]),
             413: OpenApiResponse(description=ERRORS[413]),
@@ -484,7 +588,11 @@ class UploadViewSet(
         content_type = request.content_type.split(";")[0].strip().lower()
         owner = cast(User, request.user)  # IsAuthenticated has run
         key = _idempotency_key(request)
-        earlier = selectors.task_by_idempotency_key(owner=owner, key=key) if key else None
+        earlier: UploadTask | UploadBatch | None = None
+        if key:
+            earlier = selectors.task_by_idempotency_key(
+                owner=owner, key=key
+            ) or selectors.batch_by_idempotency_key(owner=owner, key=key)
         if content_type == "multipart/form-data":
             params, spooled = self._receive_multipart(request)
             if earlier is not None:
@@ -508,6 +616,8 @@ class UploadViewSet(
         else:
             params, spooled = self._receive_raw(request)
         cached = request.auth if isinstance(request.auth, Access) else None
+        if "instances" in params:
+            return self._create_fanout(request, owner, key, params, spooled)
         create = functools.partial(
             services.upload_create,
             spooled=spooled,
@@ -532,41 +642,105 @@ class UploadViewSet(
         metrics.UPLOAD_BYTES.inc(task.size)
         return self._accepted(task)
 
-    def _recheck_access(
-        self, request: Request, cached: Access, params: dict[str, Any], spooled: spool.SpooledFile
-    ) -> User:
+    def _create_fanout(
+        self,
+        request: Request,
+        owner: User,
+        key: str,
+        params: dict[str, Any],
+        spooled: spool.SpooledFile,
+    ) -> Response:
+        cached = request.auth if isinstance(request.auth, Access) else None
+        destinations = params.pop("destinations")
+        create = functools.partial(
+            services.upload_fanout,
+            spooled=spooled,
+            requested=",".join(params["instances"]),
+            idempotency_key=key,
+            source=_source(request),
+            **_upload_options(params),
+        )
+        try:
+            try:
+                batch = create(
+                    owner=owner,
+                    instances=destinations,
+                    generation=cached.generation if cached else None,
+                )
+            except StaleAccess:
+                # As for one upload: check again from the database, the glob's matches too.
+                owner = self._reload_access(request, cast(Access, cached), spooled)
+                try:
+                    destinations = _destinations(request, params, spooled.size)
+                except BaseException:
+                    spool.remove(spooled.name)
+                    raise
+                batch = create(owner=owner, instances=destinations)
+        except services.DuplicateBatch as exc:  # a resend that raced the first one
+            _check_same_upload(params, exc.batch)
+            return self._replayed(request, exc.batch)
+        spool.keep(request._request, spooled.name)
+        metrics.UPLOADS_ACCEPTED.inc()
+        metrics.UPLOAD_BYTES.inc(spooled.size)  # received once, however many destinations
+        return self._accepted(batch)
+
+    def _reload_access(self, request: Request, cached: Access, spooled: spool.SpooledFile) -> User:
+        """The request's token, user and grants fresh from the database (the body is deleted
+        if the token is gone)."""
         access_cache.forget(cached.key)
         try:
             user, request.auth = user_of(access_cache.load(cached.key))
-            request.user = user
+        except APIException:
+            spool.remove(spooled.name)
+            raise
+        request.user = user
+        return cast(User, user)
+
+    def _recheck_access(
+        self, request: Request, cached: Access, params: dict[str, Any], spooled: spool.SpooledFile
+    ) -> User:
+        user = self._reload_access(request, cached, spooled)
+        try:
             _check_granted(request, params, spooled.size)
         except (APIException, services.NotGranted):
             spool.remove(spooled.name)
             raise
-        return cast(User, user)
+        return user
 
-    def _accepted(self, task: UploadTask, **headers: str) -> Response:
-        location = reverse("upload-detail", args=[task.pk])
+    def _accepted(self, accepted: UploadTask | UploadBatch, **headers: str) -> Response:
+        if isinstance(accepted, UploadBatch):
+            location = reverse("batch-detail", args=[accepted.pk])
+            data = batch_data(accepted, request=self.request)
+        else:
+            location = reverse("upload-detail", args=[accepted.pk])
+            data = self.get_serializer(accepted).data
         return Response(
-            self.get_serializer(task).data,
-            status=status.HTTP_202_ACCEPTED,
-            headers={"Location": location, **headers},
+            data, status=status.HTTP_202_ACCEPTED, headers={"Location": location, **headers}
         )
 
-    def _replayed(self, request: Request, task: UploadTask) -> Response:
+    def _replayed(self, request: Request, earlier: UploadTask | UploadBatch) -> Response:
         audit(
             action="upload",
             outcome="replayed",
             user=request.user,
             source=_source(request),
-            task_id=task.pk,
+            **(
+                {"batch_id": str(earlier.pk)}
+                if isinstance(earlier, UploadBatch)
+                else {"task_id": earlier.pk}
+            ),
         )
-        return self._accepted(task, **{"Idempotent-Replayed": "true"})
+        return self._accepted(earlier, **{"Idempotent-Replayed": "true"})
 
     def _receive_raw(self, request: Request) -> tuple[dict[str, Any], spool.SpooledFile]:
         params = _raw_params(request)
-        _check_granted(request, params, _content_length(request))
-        length = _check_capacity(request)
+        copies = 1
+        if "instances" in params:
+            params["destinations"] = _destinations(request, params, _content_length(request))
+            copies = len(params["destinations"])
+        else:
+            _check_granted(request, params, _content_length(request))
+        length = _check_capacity(request, copies)
         environ = request._request.META
         if length is None:
             # Django reads a chunked body as empty (ticket #35838); read the server's own
@@ -579,7 +753,7 @@ class UploadViewSet(
         else:
             read = request._request.read
         try:
-            if length is not None and length <= uploads_settings.INLINE_MAX_BYTES:
+            if length is not None and _inline(length, copies):
                 spooled = spool.read_small(read, expected=length)
             else:
                 spooled = spool.spool_stream(
@@ -594,9 +768,12 @@ class UploadViewSet(
                 raise BodyTimeout() from exc
             raise IncompleteBody(str(exc)) from exc
         if length is None:
-            try:
-                _check_granted(request, params, spooled.size)  # the size of a chunked body
-            except services.NotGranted:
+            try:  # the size of a chunked body
+                if "instances" in params:
+                    params["destinations"] = _destinations(request, params, spooled.size)
+                else:
+                    _check_granted(request, params, spooled.size)
+            except BaseException:
                 spool.remove(spooled.name)
                 raise
         _verify_digest(params, spooled)
@@ -629,6 +806,7 @@ class UploadViewSet(
         if not isinstance(upload, spool.SpooledUpload):
             raise ValidationError({"file": ["A 'file' part is required."]})
         data: dict[str, Any] = {name: form.get(name) for name in FORM_FIELDS}
+        data["container"] = form.getlist("container") or None
         data["filename"] = upload.name or ""
         return _validated(data), upload.spooled
 
@@ -636,7 +814,10 @@ class UploadViewSet(
         self, request: Request, params: dict[str, Any], spooled: spool.SpooledFile
     ) -> None:
         # Multipart fields arrive in the body, so these checks can only run after it.
-        _check_granted(request, params, spooled.size)
+        if "instances" in params:
+            params["destinations"] = _destinations(request, params, spooled.size)
+        else:
+            _check_granted(request, params, spooled.size)
         _verify_digest(params, spooled)
 
     @extend_schema(
@@ -679,3 +860,51 @@ class UploadViewSet(
         task = self._changeable_object()
         task = services.upload_cancel(task=task, actor=request.user, source=_source(request))
         return Response(self.get_serializer(task).data)
+
+
+def batch_data(batch: UploadBatch, *, request: Request) -> Any:
+    tasks = list(selectors.batch_tasks(batch))
+    return BatchSerializer(batch, context={"request": request, "tasks": tasks}).data
+
+
+class BatchViewSet(mixins.RetrieveModelMixin, viewsets.GenericViewSet[UploadBatch]):
+    """One upload fanned out to several instances: its tasks and how they stand."""
+
+    serializer_class = BatchSerializer
+    lookup_value_regex = r"[0-9a-fA-F-]{32,36}"
+
+    def get_queryset(self) -> Any:
+        return selectors.visible_batches(user=self.request.user)
+
+    def get_object(self) -> UploadBatch:
+        try:
+            return super().get_object()
+        except (ValueError, ValidationError) as exc:
+            raise NotFound() from exc
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "wait",
+                int,
+                OpenApiParameter.QUERY,
+                description=(
+                    "Hold the answer up to this many seconds (1-60) until every task of the "
+                    "batch is finished; otherwise as for one upload's `wait`."
+                ),
+            )
+        ],
+        responses={200: BatchSerializer, 400: OpenApiResponse(), 404: OpenApiResponse()},
+    )
+    def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        wait = _wait_seconds(request)
+        batch = self.get_object()
+        headers = {}
+        if wait:
+            ids = list(selectors.batch_tasks(batch).values_list("pk", flat=True))
+            try:
+                if not waiters.wait(ids, wait, lambda: selectors.unfinished_tasks(ids)):
+                    headers["Wait-Timed-Out"] = "true"
+            except TooManyWaiters:
+                headers["Retry-After"] = "1"
+        return Response(batch_data(batch, request=request), headers=headers)

@@ -87,6 +87,8 @@ DEFINITIONS: dict[str, Setting] = {
     # a server thread, so keep it well below the server's threads per process. Beyond it, a
     # request is answered at once with the task as it is (and Retry-After).
     "MAX_WAITERS": Setting(2, int),
+    # Destinations one upload may fan out to (a list of instances, or what a glob matches).
+    "MAX_FANOUT": Setting(1000, int),
     # Size of the chunks read from the request and written to the spool.
     "CHUNK_SIZE": Setting(1024 * 1024, int),
 }

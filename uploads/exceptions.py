@@ -8,7 +8,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.translation import gettext_lazy as _
 from django.views import defaults
 from rest_framework import status
-from rest_framework.exceptions import APIException, PermissionDenied
+from rest_framework.exceptions import APIException, NotFound, PermissionDenied, ValidationError
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
@@ -43,6 +43,16 @@ class QueueFull(APIException):
     def __init__(self, wait: int) -> None:
         super().__init__()
         # DRF's exception handler turns `wait` into a Retry-After header.
+        self.wait = wait
+
+
+class IncusUnavailable(APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = _("Incus could not be asked which instances exist; try again later.")
+    default_code = "incus_unavailable"
+
+    def __init__(self, detail: str, wait: int) -> None:
+        super().__init__(detail)
         self.wait = wait
 
 
@@ -83,6 +93,10 @@ def as_http_error(exc: Exception) -> Exception:
         return Gone(str(exc))
     if isinstance(exc, services.NotGranted):
         return PayloadTooLarge(str(exc)) if exc.too_large else PermissionDenied(str(exc))
+    if isinstance(exc, services.NoMatchingInstance):
+        return NotFound(str(exc))
+    if isinstance(exc, services.TooManyDestinations):
+        return ValidationError({"container": [str(exc)]})
     return exc
 
 

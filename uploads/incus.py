@@ -1128,3 +1128,34 @@ class IncusPusher:
                 session.client.remove(path)
             except OSError:
                 pass  # already gone
+
+
+# --- look-ups --------------------------------------------------------------------------------
+
+LIST_TIMEOUT = 10.0
+
+
+def instance_names(*, remote: str, project: str) -> list[str]:
+    """The names of the instances in `project` on `remote`, sorted (one request, names only:
+    no instance's state is read). A project that does not exist raises PermanentPushError;
+    an Incus that cannot be reached or fails, TransientPushError."""
+    pusher = IncusPusher.for_remote(
+        remote, timeout=min(LIST_TIMEOUT, float(uploads_settings.INCUS_TIMEOUT))
+    )
+    try:
+        try:
+            response = pusher.client().api.instances.get(params={"project": project})
+            urls = response.json()["metadata"]
+        except (LXDAPIException, requests.RequestException, OSError, ValueError, KeyError) as exc:
+            raise TransientPushError(
+                f"cannot list the instances of project '{project}' on remote '{remote}': {exc}"
+            ) from exc
+        names = sorted(
+            urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]) for url in urls
+        )
+        # Incus lists an unknown project as empty: tell the two apart when it matters.
+        if not names and pusher._project_missing(project):
+            raise PermanentPushError(f"project '{project}' does not exist on remote '{remote}'")
+        return names
+    finally:
+        pusher.close()

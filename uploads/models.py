@@ -41,6 +41,40 @@ class UploadTaskQuerySet(models.QuerySet["UploadTask"]):
         return self.filter(status__in=FINISHED)
 
 
+class UploadBatch(models.Model):
+    """One upload delivered to several instances (a list or a glob): its body is received and
+    kept once, and each destination is an UploadTask of its own that refers to the batch."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="upload_batches",
+        verbose_name=_("owner"),
+    )
+    # The instances as the client named them (names and globs, comma-separated), to tell a
+    # resend from another upload with the same idempotency key.
+    requested = models.TextField(_("instances requested"))
+    count = models.PositiveIntegerField(_("destinations"))
+    idempotency_key = models.CharField(_("idempotency key"), max_length=255, blank=True, default="")
+    created_at = models.DateTimeField(_("created at"), db_default=Now(), db_index=True)
+
+    class Meta:
+        verbose_name = _("batch")
+        verbose_name_plural = _("batches")
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["owner", "idempotency_key"],
+                condition=~Q(idempotency_key=""),
+                name="uploadbatch_owner_idempotency_key",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.requested} ({self.count})"
+
+
 class UploadTask(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     owner = models.ForeignKey(
@@ -70,6 +104,15 @@ class UploadTask(models.Model):
         blank=True,
         default="",
         help_text=_("The client's Idempotency-Key: a resend with the same key gets this task."),
+    )
+    # The fan-out this task is one destination of; None for an upload to one instance.
+    batch = models.ForeignKey(
+        UploadBatch,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="tasks",
+        verbose_name=_("batch"),
     )
 
     status = models.CharField(

@@ -44,6 +44,7 @@ from uploads.models import (
     Outcome,
     Status,
     UploadAttempt,
+    UploadBatch,
     UploadTask,
     WorkerHeartbeat,
 )
@@ -57,6 +58,7 @@ LOST_ERROR = "the worker pushing this file stopped answering (lease expired)"
 INTERRUPTED_ERROR = "the worker shut down during the push"
 
 TASKS = UploadTask._meta.db_table
+BATCHES = UploadBatch._meta.db_table
 ATTEMPTS = UploadAttempt._meta.db_table
 
 
@@ -215,6 +217,79 @@ def enqueue(task: UploadTask, *, generation: int | None = None) -> None:
         if generation is not None and current_generation() != generation:
             raise StaleAccess()
         task.save(force_insert=True)
+
+
+# The columns a batch's tasks share (they differ in id and instance); their idempotency key is
+# the batch's.
+SHARED_COLUMNS = tuple(
+    c for c in ENQUEUED_COLUMNS if c not in ("id", "instance", "idempotency_key")
+)
+BATCH_COLUMNS = ("id", "owner_id", "requested", "count", "idempotency_key")
+
+
+def _cast(model: Any, column: str) -> str:
+    db_type = str(model._meta.get_field(column.removesuffix("_id")).db_type(connection))
+    return "text" if db_type.startswith("varchar") else db_type
+
+
+@functools.cache
+def _enqueue_batch_sql() -> str:
+    """PostgreSQL: the batch and its tasks in one statement, added only while the access
+    generation holds (the tasks are inserted from the batch's RETURNING, so neither is added
+    without the other). The shared values, the body among them, are sent once."""
+    batch_values = ", ".join(f"%(b_{c})s::{_cast(UploadBatch, c)}" for c in BATCH_COLUMNS)
+    shared = ", ".join(f"%({c})s::{_cast(UploadTask, c)}" for c in SHARED_COLUMNS)
+    generations = AccessGeneration._meta.db_table
+    return f"""
+WITH batch AS (
+    INSERT INTO {BATCHES} ({", ".join(BATCH_COLUMNS)}, created_at)
+    SELECT {batch_values}, statement_timestamp()
+    WHERE (SELECT value FROM {generations} WHERE id = %(singleton)s) = %(generation)s
+    RETURNING id, created_at
+), tasks AS (
+    INSERT INTO {TASKS} (id, instance, idempotency_key, batch_id, {", ".join(SHARED_COLUMNS)},
+                         status, attempts, last_error, worker_id, next_attempt_at, created_at)
+    SELECT d.id, d.instance, '', batch.id, {shared},
+           'pending', 0, '', '', batch.created_at, batch.created_at
+    FROM batch, unnest(%(ids)s::uuid[], %(instances)s::text[]) AS d(id, instance)
+)
+SELECT created_at FROM batch
+"""  # noqa: S608
+
+
+def enqueue_batch(
+    batch: UploadBatch, tasks: Sequence[UploadTask], *, generation: int | None = None
+) -> None:
+    """Insert a batch and its tasks (which share every value but id and instance), all or
+    none, ready now; with `generation` as for enqueue. On PostgreSQL with a generation one
+    statement, else one transaction."""
+    if generation is not None and _postgresql():
+        first = tasks[0]
+        values: dict[str, Any] = {c: getattr(first, c) for c in SHARED_COLUMNS}
+        values.update({f"b_{c}": getattr(batch, c) for c in BATCH_COLUMNS})
+        values.update(
+            ids=[task.id for task in tasks],
+            instances=[task.instance for task in tasks],
+            singleton=AccessGeneration.SINGLETON,
+            generation=generation,
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(_enqueue_batch_sql(), values)
+            row = cursor.fetchone()
+        if row is None:
+            raise StaleAccess()
+        batch.created_at = row[0]
+        for obj in (batch, *tasks):
+            obj._state.adding = False
+            obj._state.db = connection.alias
+        for task in tasks:
+            task.created_at = task.next_attempt_at = row[0]
+        return
+    with transaction.atomic():
+        if generation is not None and current_generation() != generation:
+            raise StaleAccess()
+        batch.save(force_insert=True)
+        UploadTask.objects.bulk_create(tasks)  # the database's defaults come back
 
 
 # --- claim -----------------------------------------------------------------------------------
@@ -552,10 +627,17 @@ def complete(completions: Sequence[Completion]) -> dict[Claim, str | None]:
         batch = [done for done in completions if done.result != Result.REFUSED]
         by_id = {done.claim.task.id: done.claim for done in batch}
         statuses.update(dict.fromkeys(by_id.values()))
+        shared: list[str] = []
         for task_id, new_status, free, name in _complete_batch(batch):
             statuses[by_id[_uuid(task_id)]] = new_status
             if free:
                 freed.append(name)
+            elif new_status == Status.SUCCEEDED and name:
+                shared.append(name)
+        # A body shared by a fan-out's tasks: a worker completing the last sibling at the same
+        # moment saw this one as still running, and this statement saw it so too. Asked again
+        # now, after this commit, the later of the two sees both successes.
+        freed.extend(unneeded_bodies(sorted(set(shared))))
     if one_by_one:
         with transaction.atomic():
             for done in one_by_one:

@@ -12,7 +12,7 @@ from django.db.models import Count, Min, Q, QuerySet
 
 from uploads import spool
 from uploads.grants import describe_owners, normal_prefix, owners_allow, path_below
-from uploads.models import Grant, Status, UploadTask, WorkerHeartbeat
+from uploads.models import FINISHED, Grant, Status, UploadBatch, UploadTask, WorkerHeartbeat
 
 
 def may_see_all_tasks(user: Any) -> bool:
@@ -45,14 +45,54 @@ def visible_tasks(*, user: Any) -> QuerySet[UploadTask]:
 
 
 def task_list(
-    *, user: Any, status: str | None = None, container: str | None = None
+    *,
+    user: Any,
+    status: str | None = None,
+    container: str | None = None,
+    batch: Any = None,
 ) -> QuerySet[UploadTask]:
     tasks = visible_tasks(user=user)
     if status:
         tasks = tasks.filter(status=status)
     if container:
         tasks = tasks.filter(instance=container)
+    if batch:
+        tasks = tasks.filter(batch=batch)
     return tasks.order_by("-created_at")
+
+
+def visible_batches(*, user: Any) -> QuerySet[UploadBatch]:
+    """As for tasks: a user sees their own batches; staff what their permissions let them."""
+    batches = UploadBatch.objects.all()
+    if not may_see_all_tasks(user):
+        batches = batches.filter(owner=user)
+    return batches
+
+
+def batch_tasks(batch: UploadBatch) -> QuerySet[UploadTask]:
+    """A batch's tasks in the order of its destinations (instance names); no bodies."""
+    return UploadTask.objects.filter(batch=batch).defer("body").order_by("instance", "pk")
+
+
+def unfinished_tasks(task_ids: Iterable[Any]) -> list[Any]:
+    """Those of these tasks that are not finished."""
+    return list(
+        UploadTask.objects.filter(pk__in=list(task_ids))
+        .exclude(status__in=FINISHED)
+        .values_list("pk", flat=True)
+    )
+
+
+def batch_by_idempotency_key(*, owner: Any, key: str) -> UploadBatch | None:
+    return UploadBatch.objects.filter(owner=owner, idempotency_key=key).first()
+
+
+GLOB_CHARACTERS = frozenset("*?[")
+
+
+def is_glob(name: str) -> bool:
+    """Whether an instance name is a pattern (fnmatch's `*`, `?` and `[...]`)."""
+    return not GLOB_CHARACTERS.isdisjoint(name)
 
 
 def unneeded_bodies(names: list[str]) -> list[str]:

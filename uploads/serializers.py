@@ -13,7 +13,8 @@ from rest_framework.reverse import reverse
 
 from uploads.conf import uploads_settings
 from uploads.grants import MAX_ID
-from uploads.models import Status, UploadTask
+from uploads.models import FINISHED, Status, UploadBatch, UploadTask
+from uploads.selectors import is_glob
 
 # Incus instance names are hostnames: letters, digits and hyphens, 1-63 characters, not
 # starting with a digit or a hyphen, not ending with a hyphen.
@@ -57,10 +58,10 @@ def parse_mode(value: str | None) -> int | None:
     return int(match.group(1), 8)
 
 
-class UploadParamsSerializer(serializers.Serializer[dict[str, Any]]):
-    """What a client says about an upload, from either the raw form's headers or form fields."""
+class UploadOptionsSerializer(serializers.Serializer[dict[str, Any]]):
+    """What a client says about an upload but its instance, from either the raw form's headers
+    or form fields."""
 
-    container = serializers.CharField(max_length=63, trim_whitespace=True)
     path = serializers.CharField(max_length=MAX_PATH_BYTES * 4, trim_whitespace=False)
     project = serializers.CharField(max_length=63, required=False, default="default")
     remote = serializers.CharField(max_length=63, required=False, default="local")
@@ -80,17 +81,6 @@ class UploadParamsSerializer(serializers.Serializer[dict[str, Any]]):
         default=None,
         error_messages={"invalid": _("A SHA-256 is 64 hexadecimal digits.")},
     )
-
-    def validate_container(self, value: str) -> str:
-        if not INSTANCE_NAME.match(value):
-            raise serializers.ValidationError(
-                _(
-                    "'%(name)s' is not a valid Incus instance name: 1-63 letters, digits and "
-                    "hyphens, starting with a letter and not ending with a hyphen."
-                )
-                % {"name": value}
-            )
-        return value
 
     def validate_project(self, value: str) -> str:
         if not PROJECT_NAME.match(value):
@@ -122,6 +112,28 @@ class UploadParamsSerializer(serializers.Serializer[dict[str, Any]]):
         return parse_mode(value)
 
 
+class UploadParamsSerializer(UploadOptionsSerializer):
+    """An upload's instance and options."""
+
+    container = serializers.CharField(max_length=63, trim_whitespace=True)
+
+    # The instance comes first, in the fields and so in the errors.
+    def get_fields(self) -> dict[str, serializers.Field]:
+        fields = super().get_fields()
+        return {"container": fields.pop("container"), **fields}
+
+    def validate_container(self, value: str) -> str:
+        if not INSTANCE_NAME.match(value):
+            raise serializers.ValidationError(
+                _(
+                    "'%(name)s' is not a valid Incus instance name: 1-63 letters, digits and "
+                    "hyphens, starting with a letter and not ending with a hyphen."
+                )
+                % {"name": value}
+            )
+        return value
+
+
 def parse_upload_params(data: dict[str, Any]) -> dict[str, Any]:
     """Validate an upload's parameters (None: not given) into what UploadParamsSerializer
     gives: the plain cases cheaply, anything else (and every error) through the serializer.
@@ -143,11 +155,30 @@ _PLAIN_ID = re.compile(r"^[0-9]{1,10}$")
 _PLAIN_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
+def parse_upload_options(data: dict[str, Any]) -> dict[str, Any]:
+    """Validate an upload's parameters but its instance (`container` is ignored), as
+    parse_upload_params does."""
+    options = {k: v for k, v in data.items() if k != "container"}
+    plain = _plain_options(options)
+    if plain is not None:
+        return plain
+    params = UploadOptionsSerializer(data={k: v for k, v in options.items() if v is not None})
+    params.is_valid(raise_exception=True)
+    return dict(params.validated_data)
+
+
 def _plain_params(data: dict[str, Any]) -> dict[str, Any] | None:
     """The validated parameters when every one is given in its plainest form, else None."""
-    container, path = data.get("container"), data.get("path")
+    container = data.get("container")
     if not isinstance(container, str) or not INSTANCE_NAME.match(container):
         return None
+    options = _plain_options(data)
+    return None if options is None else {"container": container, **options}
+
+
+def _plain_options(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The validated parameters but the instance, when each is given in its plainest form."""
+    path = data.get("path")
     if not isinstance(path, str) or not _PLAIN_TEXT.match(path):
         return None
     try:
@@ -194,7 +225,6 @@ def _plain_params(data: dict[str, Any]) -> dict[str, Any] | None:
     if sha256 is not None and (not isinstance(sha256, str) or not _PLAIN_SHA256.match(sha256)):
         return None
     return {
-        "container": container,
         "path": cleaned_path,
         "project": project if project is not None else "default",
         "remote": remote if remote is not None else "local",
@@ -255,6 +285,7 @@ class UploadTaskSerializer(serializers.ModelSerializer[UploadTask]):
             "created_at": _datetime(task.created_at),
             "started_at": _datetime(task.started_at),
             "finished_at": _datetime(task.finished_at),
+            "batch": None if task.batch_id is None else str(task.batch_id),
         }
 
     class Meta:
@@ -282,11 +313,55 @@ class UploadTaskSerializer(serializers.ModelSerializer[UploadTask]):
             "created_at",
             "started_at",
             "finished_at",
+            "batch",
         ]
         read_only_fields = fields
 
     def get_url(self, obj: UploadTask) -> str:
         return reverse("upload-detail", args=[obj.pk], request=self.context.get("request"))
+
+
+class BatchSerializer(serializers.ModelSerializer[UploadBatch]):
+    """A fan-out: its destinations' tasks (in instance-name order), how many are in each
+    state, and whether every one is finished. Expects `tasks` in its context."""
+
+    url = serializers.SerializerMethodField()
+    counts = serializers.SerializerMethodField()
+    finished = serializers.SerializerMethodField()
+    tasks = serializers.SerializerMethodField()
+
+    class Meta:
+        model = UploadBatch
+        fields = ["id", "url", "count", "requested", "created_at", "counts", "finished", "tasks"]
+        read_only_fields = fields
+
+    def _tasks(self) -> list[UploadTask]:
+        tasks: list[UploadTask] = self.context["tasks"]
+        return tasks
+
+    def get_url(self, obj: UploadBatch) -> str:
+        return reverse("batch-detail", args=[obj.pk], request=self.context.get("request"))
+
+    @extend_schema_field(
+        {
+            "type": "object",
+            "properties": {status: {"type": "integer"} for status in Status.values},
+            "description": "How many of the batch's tasks are in each state.",
+        }
+    )
+    def get_counts(self, obj: UploadBatch) -> dict[str, int]:
+        counts = dict.fromkeys(Status.values, 0)
+        for task in self._tasks():
+            counts[task.status] += 1
+        return counts
+
+    def get_finished(self, obj: UploadBatch) -> bool:
+        return all(task.status in FINISHED for task in self._tasks())
+
+    @extend_schema_field(UploadTaskSerializer(many=True))
+    def get_tasks(self, obj: UploadBatch) -> list[dict[str, Any]]:
+        render = UploadTaskSerializer(context=self.context)
+        return [render.to_representation(task) for task in self._tasks()]
 
 
 class RetryChangesSerializer(serializers.Serializer[dict[str, Any]]):
@@ -304,3 +379,52 @@ class RetryChangesSerializer(serializers.Serializer[dict[str, Any]]):
 class UploadListQuerySerializer(serializers.Serializer[dict[str, Any]]):
     status = serializers.ChoiceField(choices=Status.choices, required=False)
     container = serializers.CharField(required=False, max_length=63)
+    batch = serializers.UUIDField(required=False, help_text="Only the tasks of this batch")
+
+
+# A glob over instance names: fnmatch's `*`, `?` and `[...]` (`[!...]` negates) among the
+# characters of a name.
+INSTANCE_GLOB = re.compile(r"^[A-Za-z0-9*?\[\]!-]{1,63}$")
+
+
+def fanout_instances(value: str | list[str] | None) -> list[str] | None:
+    """The instances an upload names, when it names several or a glob: a comma-separated list
+    (the raw form's header), or repeated fields (multipart), each a name or a glob. None when
+    it names one instance without glob characters (validated as ever, by parse_upload_params).
+    """
+    values = [value] if isinstance(value, str) else list(value or [])
+    items = [item.strip() for text in values for item in text.split(",")]
+    if not values or (len(values) == 1 and len(items) == 1 and not is_glob(items[0])):
+        return None
+    for item in items:
+        if not item:
+            raise serializers.ValidationError(
+                {"container": [_("An empty instance name in the list.")]}
+            )
+        if is_glob(item):
+            if not INSTANCE_GLOB.match(item):
+                raise serializers.ValidationError(
+                    {
+                        "container": [
+                            _(
+                                "'%(glob)s' is not a glob over instance names: 1-63 letters, "
+                                "digits, hyphens and * ? [ ] !."
+                            )
+                            % {"glob": item}
+                        ]
+                    }
+                )
+        elif not INSTANCE_NAME.match(item):
+            raise serializers.ValidationError(
+                {
+                    "container": [
+                        _(
+                            "'%(name)s' is not a valid Incus instance name: 1-63 letters, "
+                            "digits and hyphens, starting with a letter and not ending with "
+                            "a hyphen."
+                        )
+                        % {"name": item}
+                    ]
+                }
+            )
+    return list(dict.fromkeys(items))

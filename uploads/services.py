@@ -5,8 +5,10 @@ are the same thing. What a worker does to a task is in uploads.queue.
 """
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from fnmatch import fnmatchcase
 from typing import Any
 
 from django.contrib.auth.models import User
@@ -22,11 +24,16 @@ from uploads.grants import parse_owner
 from uploads.models import (
     Grant,
     Status,
+    UploadBatch,
     UploadTask,
 )
 from uploads.selectors import (
+    OwnerGrants,
+    batch_by_idempotency_key,
     body_kept,
+    check_grants,
     count_pending_upload,
+    is_glob,
     task_by_idempotency_key,
     task_permission,
     unneeded_bodies,
@@ -49,6 +56,22 @@ class DuplicateUpload(Exception):
     def __init__(self, task: UploadTask) -> None:
         super().__init__(f"idempotency key already used by upload {task.pk}")
         self.task = task
+
+
+class DuplicateBatch(Exception):
+    """The owner already sent a fan-out with this idempotency key; `batch` is that one."""
+
+    def __init__(self, batch: UploadBatch) -> None:
+        super().__init__(f"idempotency key already used by batch {batch.pk}")
+        self.batch = batch
+
+
+class NoMatchingInstance(Exception):
+    """A glob matched no instance the owner may write this file to."""
+
+
+class TooManyDestinations(Exception):
+    """More destinations than UPLOADS['MAX_FANOUT']."""
 
 
 class NotGranted(Exception):
@@ -134,6 +157,166 @@ def upload_create(
         spooled.size,
     )
     return task
+
+
+def fanout_destinations(
+    grants: OwnerGrants,
+    *,
+    requested: Sequence[str],
+    list_instances: Callable[[], list[str]],
+    remote: str,
+    project: str,
+    path: str,
+    size: int | None,
+    uid: int | None = None,
+    gid: int | None = None,
+) -> list[str]:
+    """The instances a fan-out goes to: each name as given, each glob's matches in name order
+    (among the instances `list_instances` gives, asked once and only for a glob), without
+    repeats.
+
+    A glob keeps the instances the grants let the owner write this file to, and leaves out
+    the others; one that keeps none raises NoMatchingInstance. A named instance the grants
+    refuse refuses the whole upload: NotGranted names every one (too_large when the size alone
+    stands in the way). More than UPLOADS['MAX_FANOUT'] raises TooManyDestinations.
+    """
+
+    def allows(instance: str) -> Any:
+        return check_grants(
+            grants,
+            remote=remote,
+            project=project,
+            instance=instance,
+            path=path,
+            size=size,
+            uid=uid,
+            gid=gid,
+        )
+
+    existing: list[str] | None = None
+    chosen: dict[str, None] = {}
+    refused: dict[str, Any] = {}
+    for item in requested:
+        if not is_glob(item):
+            permission = allows(item)
+            if permission.allowed:
+                chosen[item] = None
+            else:
+                refused[item] = permission
+            continue
+        if existing is None:
+            existing = list_instances()
+        matches = [name for name in existing if fnmatchcase(name, item) and allows(name).allowed]
+        if not matches:
+            raise NoMatchingInstance(
+                f"no instance you may write {path} to matches '{item}' in project "
+                f"'{project}' on remote '{remote}'"
+            )
+        chosen.update(dict.fromkeys(matches))
+    if refused:
+        reasons = "; ".join(f"{name}: {p.reason}" for name, p in refused.items())
+        raise NotGranted(
+            f"refused for {', '.join(refused)} ({reasons}); nothing was queued",
+            too_large=all(p.too_large for p in refused.values()),
+        )
+    limit = int(uploads_settings.MAX_FANOUT)
+    if len(chosen) > limit:
+        raise TooManyDestinations(
+            f"{len(chosen)} destinations; one upload goes to at most {limit} instances"
+        )
+    return list(chosen)
+
+
+def upload_fanout(
+    *,
+    owner: User,
+    spooled: spool.SpooledFile,
+    instances: Sequence[str],
+    requested: str,
+    path: str,
+    project: str = "default",
+    remote: str = "local",
+    filename: str = "",
+    mode: int | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
+    create_dirs: bool = False,
+    idempotency_key: str = "",
+    source: str | None = None,
+    generation: int | None = None,
+) -> UploadBatch:
+    """Queue one received body for delivery to several instances: a batch and one task per
+    instance, added together or not at all, all referring to the one body.
+
+    The body stays in the rows (a copy in each) only while the copies together fit in
+    UPLOADS['INLINE_MAX_BYTES'], as one small upload would; a larger fan-out keeps it once in
+    the spool, shared by every task, and deleted once every one of them succeeded (or by
+    purge). `generation`, StaleAccess, DuplicateBatch and the clean-up on failure are as for
+    upload_create.
+    """
+    stored_here = False
+    if spooled.data is not None and len(spooled.data) * len(instances) > int(
+        uploads_settings.INLINE_MAX_BYTES
+    ):
+        spooled, stored_here = spool.store(spooled.data), True
+    batch = UploadBatch(
+        owner=owner,
+        requested=requested,
+        count=len(instances),
+        idempotency_key=idempotency_key,
+    )
+    tasks = [
+        UploadTask(
+            owner=owner,
+            batch=batch,
+            instance=instance,
+            project=project,
+            remote=remote,
+            path=path,
+            filename=filename,
+            size=spooled.size,
+            sha256=spooled.sha256,
+            mode=mode,
+            uid=uid,
+            gid=gid,
+            create_dirs=create_dirs,
+            spool_name=spooled.name,
+            body=spooled.data,
+            max_attempts=uploads_settings.MAX_ATTEMPTS,
+            source=source,
+        )
+        for instance in instances
+    ]
+    try:
+        queue.enqueue_batch(batch, tasks, generation=generation)
+    except StaleAccess:
+        if stored_here:  # the caller still holds the body, and may try again with it
+            spool.remove(spooled.name)
+        raise
+    except IntegrityError:
+        spool.remove(spooled.name)
+        earlier = (
+            batch_by_idempotency_key(owner=owner, key=idempotency_key) if idempotency_key else None
+        )
+        if earlier is None:
+            raise
+        raise DuplicateBatch(earlier) from None
+    except BaseException:
+        spool.remove(spooled.name)
+        raise
+    for _ in tasks:
+        count_pending_upload()
+    transaction.on_commit(queue.notify_workers, robust=True)
+    logger.info(
+        "batch=%s accepted instances=%s/%s (%d) path=%s size=%d",
+        batch.pk,
+        project,
+        requested,
+        len(tasks),
+        path,
+        spooled.size,
+    )
+    return batch
 
 
 RETRY_CHANGES = ("create_dirs", "mode", "uid", "gid")
@@ -284,6 +467,8 @@ def purge_finished(
         deleted_tasks += per_model.get(UploadTask._meta.label, 0)
         names = sorted({name for _, name in batch if name})
         deleted_files += sum(spool.remove(name) for name in unneeded_bodies(names))
+    # A batch goes with its last task.
+    UploadBatch.objects.filter(tasks__isnull=True).delete()
     if orphans_before is not None:
         chunk: list[str] = []
         for name in spool.names(modified_before=orphans_before.timestamp()):

@@ -331,6 +331,13 @@ def read_small(read: Callable[[int], bytes], *, expected: int) -> SpooledFile:
     return SpooledFile(name="", size=received, sha256=hashlib.sha256(data).hexdigest(), data=data)
 
 
+def store(data: bytes) -> SpooledFile:
+    """Keep a body already in memory in the spool (durable, as a received one)."""
+    with SpoolWriter() as writer:
+        writer.write(data)
+        return writer.commit()
+
+
 def spool_stream(
     read: Callable[[int], bytes], *, expected: int | None, max_size: int
 ) -> SpooledFile:

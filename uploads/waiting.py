@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 from django.db import close_old_connections, connection
 
@@ -43,29 +43,64 @@ class _Waiters:
         self._count = 0
         self._listener: threading.Thread | None = None
 
-    def wait(self, task_id: uuid.UUID, timeout: float, finished: Callable[[], bool]) -> bool:
-        """Block until the task finishes (True) or `timeout` passes (False). `finished` reads
-        the task's state; it is asked after registering, so a finish in between is not lost."""
+    def wait(
+        self,
+        task_ids: Collection[uuid.UUID],
+        timeout: float,
+        unfinished: Callable[[], Collection[uuid.UUID]],
+    ) -> bool:
+        """Block until none of the tasks is unfinished (True) or `timeout` passes (False).
+
+        `unfinished` reads which of them are not finished yet; it is asked after registering
+        for their announcements, so a finish in between is not lost. However many tasks, the
+        request counts as one waiter.
+        """
         event = threading.Event()
+        deadline = time.monotonic() + timeout
         with self._lock:
             if self._count >= int(uploads_settings.MAX_WAITERS):
                 raise TooManyWaiters()
             self._count += 1
-            self._waiting.setdefault(task_id, set()).add(event)
             if self._listener is None or not self._listener.is_alive():
                 self._listener = threading.Thread(
                     target=self._listen, name="upload-waiters", daemon=True
                 )
                 self._listener.start()
+        registered: set[uuid.UUID] = set()
+        wanted = set(task_ids)
         try:
-            return finished() or (event.wait(timeout) and finished())
+            while True:
+                event.clear()
+                self._register(event, registered, wanted)
+                left = set(unfinished())
+                if not left:
+                    return True
+                if not left <= registered:  # one was queued again meanwhile
+                    wanted = left
+                    continue
+                wanted = left
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not event.wait(remaining):
+                    return not unfinished()
         finally:
             with self._lock:
                 self._count -= 1
+            self._register(event, registered, set())
+
+    def _register(
+        self, event: threading.Event, registered: set[uuid.UUID], wanted: set[uuid.UUID]
+    ) -> None:
+        """Make `event` be woken for exactly the `wanted` tasks (`registered` is updated)."""
+        with self._lock:
+            for task_id in registered - wanted:
                 events = self._waiting.get(task_id, set())
                 events.discard(event)
                 if not events:
                     self._waiting.pop(task_id, None)
+            for task_id in wanted - registered:
+                self._waiting.setdefault(task_id, set()).add(event)
+        registered.clear()
+        registered.update(wanted)
 
     def stop(self) -> None:
         """Wait until the listener has ended (it does once nothing is waited for)."""

@@ -231,7 +231,8 @@ class Client:
         idempotency_key: str,
         sent: Callable[[], Callable[[int], None]],
     ) -> Task:
-        """POST one file; the task (the first upload's, when this is a resend of it).
+        """POST one file; the task (the first upload's, when this is a resend of it), or for
+        several instances or a glob the batch, with a task per instance.
 
         Raw body with the parameters in X-* headers, the service's main form. A value that
         cannot travel in an HTTP header (a path with non-ASCII characters) goes as a streamed
@@ -277,6 +278,24 @@ class Client:
         )
         return self._task_from(response, task_id)
 
+    def batch(self, batch_id: str, *, wait: int | None = None) -> Task:
+        """A fan-out with its tasks; with `wait`, the server may hold the answer up to that many
+        seconds until every task is finished."""
+        params = {"wait": str(wait)} if wait else None
+        response = self._send(
+            "GET",
+            f"/api/batches/{batch_id}/",
+            what="status",
+            params=params,
+            read_timeout=(wait or 0) + READ_TIMEOUT,
+        )
+        if response.status_code == 404:
+            raise ApiError(f"no batch {batch_id} (or it is not yours)", 404)
+        if response.status_code != 200:
+            raise ApiError(error_message(response), response.status_code)
+        batch: Task = response.json()
+        return batch
+
     def wait(
         self,
         task_id: str,
@@ -284,7 +303,37 @@ class Client:
         *,
         on_update: Callable[[Task], None] = lambda task: None,
     ) -> Task:
-        """Poll until the task is finished or the deadline (time.monotonic) passes.
+        """Poll until the task is finished or the deadline (time.monotonic) passes."""
+        return self._poll(
+            lambda ask: self.task(task_id, wait=ask),
+            lambda task: task["status"] in FINISHED,
+            deadline,
+            on_update,
+        )
+
+    def wait_batch(
+        self,
+        batch_id: str,
+        deadline: float | None,
+        *,
+        on_update: Callable[[Task], None] = lambda batch: None,
+    ) -> Task:
+        """Poll until every task of the batch is finished or the deadline passes."""
+        return self._poll(
+            lambda ask: self.batch(batch_id, wait=ask),
+            lambda batch: bool(batch["finished"]),
+            deadline,
+            on_update,
+        )
+
+    def _poll(
+        self,
+        fetch: Callable[[int], Task],
+        finished: Callable[[Task], bool],
+        deadline: float | None,
+        on_update: Callable[[Task], None],
+    ) -> Task:
+        """Ask until `finished` or the deadline (time.monotonic) passes.
 
         The server holds each answer up to `?wait=` seconds; a server that answers at once
         instead (one that ignores `wait`, or has too many waiters) gets a growing pause between
@@ -295,9 +344,9 @@ class Client:
             remaining = None if deadline is None else deadline - time.monotonic()
             ask = 60 if remaining is None else max(1, min(60, int(remaining + 0.999)))
             started = time.monotonic()
-            task = self.task(task_id, wait=ask)
+            task = fetch(ask)
             on_update(task)
-            if task["status"] in FINISHED:
+            if finished(task):
                 return task
             if deadline is not None and time.monotonic() >= deadline:
                 return task

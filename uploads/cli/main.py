@@ -5,6 +5,7 @@ push failed, was refused or timed out, or a request failed; 2 for usage errors.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -53,6 +54,12 @@ Description:
   its name under it (its path relative to the source under -r). "-" reads standard input (the
   only source; name the file in the target).
 
+  Several instances get the same file from one upload: name them with commas in the target
+  (web1,web2/etc/app.conf), give a glob ('web-*/etc/app.conf', matched on the server against
+  the instances you may write to), or give several -t targets that differ only in the
+  instance. The file is sent once; the service delivers it to each instance as a task of its
+  own, and --wait waits for all of them.
+
   Each file is hashed and streamed (Repr-Digest lets the server refuse a corrupted body), and
   resent with the same Idempotency-Key after a dropped connection or a 503, so it is queued
   once. Standard input and pipes are first copied to a temporary file (in $TMPDIR): that gives
@@ -74,6 +81,10 @@ Examples:
      To push the tree build/ as /srv/build/… .
   make-config | uploadsvc push --wait - web1/etc/app.conf
      To push standard input.
+  uploadsvc push --wait app.conf 'web-*/etc/app.conf'
+     To push app.conf once and have it delivered to every instance named web-….
+  uploadsvc push --wait app.conf -t web1/etc/app.conf -t web2/etc/app.conf
+     The same for two instances (web1,web2/etc/app.conf says it too).
 
 With --wait the exit status is 0 only when every file landed; a failure prints the instance,
 the path and the reason, e.g. "instance 'web1' not found in project 'default'"."""
@@ -160,11 +171,19 @@ def _json_flag(parser: argparse.ArgumentParser, what: str) -> None:
 def push_parser() -> argparse.ArgumentParser:
     parser = _command_parser(
         "push",
-        "[flags] <source path>... [<remote>:]<instance>/<path>",
+        "[flags] <source path>... [<remote>:]<instance>[,<instance>...]/<path>",
         PUSH_DESCRIPTION,
         PUSH_EPILOG,
     )
     parser.add_argument("paths", nargs="*", metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "-t",
+        "--target",
+        action="append",
+        metavar="TARGET",
+        help="An <instance>/<path> to push to (repeatable; the paths must be the same): every "
+        "argument is then a source",
+    )
     parser.add_argument(
         "-p", "--create-dirs", action="store_true", help="Create any directories necessary"
     )
@@ -272,6 +291,16 @@ def _destination(remote: str | None, project: str | None, instance: str, path: s
     return text
 
 
+def tasks_of(accepted: Task) -> list[Task]:
+    """The tasks of what an upload answered: a task, or a batch (a fan-out) with its tasks."""
+    tasks: list[Task] = accepted.get("tasks", [accepted])
+    return tasks
+
+
+def is_batch(accepted: Task) -> bool:
+    return "tasks" in accepted
+
+
 def task_line(task: Task) -> str:
     return f"{task['id']}  {destination(task)}  {task['status']}"
 
@@ -292,29 +321,42 @@ def describe_pending(task: Task) -> str:
 
 
 def wait_all(
-    client: Client, out: Output, tasks: list[Task], timeout: float | None, *, lines: bool
+    client: Client, out: Output, accepted: list[Task], timeout: float | None, *, lines: bool
 ) -> tuple[list[Task], bool]:
-    """Wait for every task in turn within one deadline: the final tasks, and whether all
-    succeeded. With `lines`, prints each task's line as it finishes; the reasons for failures
-    and what is still unfinished at the deadline go to standard error."""
+    """Wait for every upload in turn (a task, or a batch and all its tasks) within one
+    deadline: the final tasks and batches, and whether every task succeeded. With `lines`,
+    prints each task's line as it finishes; the reasons for failures and what is still
+    unfinished at the deadline go to standard error."""
     deadline = None if timeout is None else time.monotonic() + timeout
 
     def show(task: Task) -> None:
         state = "landed" if task["status"] == "succeeded" else task["status"]
         out.progress.show(f"Waiting for {destination(task)}: {state}")
 
+    def show_batch(batch: Task) -> None:
+        done = sum(1 for task in batch["tasks"] if task["status"] in FINISHED)
+        out.progress.show(f"Waiting for {batch['count']} instances: {done} finished")
+
     final: list[Task] = []
-    for task in tasks:
-        if deadline is not None and time.monotonic() >= deadline:
-            task = client.task(task["id"])  # out of time: its state now, without waiting
+    for item in accepted:
+        out_of_time = deadline is not None and time.monotonic() >= deadline
+        if is_batch(item):
+            if out_of_time:
+                item = client.batch(item["id"])  # its state now, without waiting
+            else:
+                item = client.wait_batch(item["id"], deadline, on_update=show_batch)
+        elif out_of_time:
+            item = client.task(item["id"])
         else:
-            task = client.wait(task["id"], deadline, on_update=show)
-        final.append(task)
-        if task["status"] in FINISHED:
-            if lines:
-                out.line(task_line(task))
-            report_reason(out, task)
-    unfinished = [t for t in final if t["status"] not in FINISHED]
+            item = client.wait(item["id"], deadline, on_update=show)
+        final.append(item)
+        for task in tasks_of(item):
+            if task["status"] in FINISHED:
+                if lines:
+                    out.line(task_line(task))
+                report_reason(out, task)
+    tasks = [task for item in final for task in tasks_of(item)]
+    unfinished = [t for t in tasks if t["status"] not in FINISHED]
     if unfinished:
         out.error(
             f"timed out after {timeout:g}s waiting for {len(unfinished)} of {len(tasks)} "
@@ -322,7 +364,7 @@ def wait_all(
         )
         for task in unfinished:
             out.stderr.write(f"  {describe_pending(task)}\n")
-    return final, all(t["status"] == "succeeded" for t in final)
+    return final, all(t["status"] == "succeeded" for t in tasks)
 
 
 def _resolve_remote(args: argparse.Namespace, target: Target) -> str | None:
@@ -396,14 +438,31 @@ class Push:
         return task
 
 
+def _targets(args: argparse.Namespace) -> tuple[list[str], Target]:
+    """The sources, and the target: the last argument, or every -t (the same path in several
+    instances, pushed as one upload)."""
+    if not args.target:
+        if len(args.paths) < 2:
+            raise UsageError("push needs a source and a target: <source path>... <instance>/<path>")
+        return args.paths[:-1], sources.parse_target(args.paths[-1])
+    if not args.paths:
+        raise UsageError("push needs a source: <source path>... -t <instance>/<path>")
+    targets = [sources.parse_target(text) for text in args.target]
+    first = targets[0]
+    for other in targets[1:]:
+        if (other.path, other.is_dir, other.remote) != (first.path, first.is_dir, first.remote):
+            raise UsageError(
+                "the -t targets must differ only in the instance (one upload goes to the same "
+                f"path in each): {first.path!r} and {other.path!r}"
+            )
+    instances = ",".join(dict.fromkeys(t.instance for t in targets))
+    return args.paths, dataclasses.replace(first, instance=instances)
+
+
 def run_push(args: argparse.Namespace, client: Client, out: Output) -> int:
-    if len(args.paths) < 2:
-        raise UsageError("push needs a source and a target: <source path>... <instance>/<path>")
-    target = sources.parse_target(args.paths[-1])
+    source_paths, target = _targets(args)
     push = Push(client, out, args, target)
-    planned = sources.plan(
-        args.paths[:-1], target, recursive=args.recursive, stdin=sys.stdin.buffer
-    )
+    planned = sources.plan(source_paths, target, recursive=args.recursive, stdin=sys.stdin.buffer)
     accepted: list[Task] = []
     refused = 0
     try:
@@ -418,14 +477,15 @@ def run_push(args: argparse.Namespace, client: Client, out: Output) -> int:
                 continue
             accepted.append(task)
             if not push.wait and not args.json:
-                out.line(task_line(task))
+                for each in tasks_of(task):
+                    out.line(task_line(each))
         if not push.wait:
             if args.json:
                 out.json(accepted)
             return 1 if refused else 0
         final, ok = wait_all(client, out, accepted, args.timeout, lines=not args.json)
     except KeyboardInterrupt:
-        ids = ", ".join(t["id"] for t in accepted) or "none"
+        ids = ", ".join(t["id"] for item in accepted for t in tasks_of(item)) or "none"
         out.error(f"interrupted; the uploads accepted so far are still delivered: {ids}")
         return 130
     if args.json:
