@@ -1,9 +1,6 @@
 """The upload API: thin views that parse a request, call a service and render the task."""
 
-import base64
-import binascii
 import functools
-import re
 import uuid
 from typing import Any, cast
 
@@ -24,7 +21,6 @@ from rest_framework.decorators import action
 from rest_framework.exceptions import (
     APIException,
     NotFound,
-    ParseError,
     PermissionDenied,
     UnsupportedMediaType,
     ValidationError,
@@ -50,6 +46,15 @@ from uploads.exceptions import (
     QueueFull,
     as_http_error,
 )
+from uploads.headers import (
+    content_length,
+    expected_sha256,
+    idempotency_key,
+    is_chunked,
+    timed_out,
+    wait_seconds,
+)
+from uploads.headers import source as request_source
 from uploads.models import UploadBatch, UploadTask
 from uploads.pushers import PermanentPushError, PushError
 from uploads.serializers import (
@@ -187,29 +192,12 @@ class RawBodyParser(BaseParser):
         return {}
 
 
-def _content_length(request: Request) -> int | None:
-    raw = request.META.get("CONTENT_LENGTH")
-    if raw in (None, ""):
-        return None
-    try:
-        length = int(raw)
-    except ValueError:
-        raise ParseError("Content-Length is not a number.") from None
-    if length < 0:
-        raise ParseError("Content-Length is negative.")
-    return length
-
-
-def _is_chunked(request: Request) -> bool:
-    return "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower()
-
-
 def _check_capacity(request: Request, copies: int = 1) -> int | None:
     """The checks answered before a single byte of the body is read. `copies`: how many tasks
     will carry the body."""
-    length = _content_length(request)
+    length = content_length(request)
     max_size = uploads_settings.MAX_UPLOAD_SIZE
-    if length is None and not _is_chunked(request):
+    if length is None and not is_chunked(request):
         raise LengthRequired()
     if length is not None and length > max_size:
         raise PayloadTooLarge(
@@ -242,32 +230,6 @@ def _validated(data: dict[str, Any]) -> dict[str, Any]:
 def _upload_options(params: dict[str, Any]) -> dict[str, Any]:
     """What services.upload_fanout takes of a fan-out's parameters."""
     return {name: value for name, value in params.items() if name != "instances"}
-
-
-def _expected_sha256(request: Request) -> str | None:
-    """The digest a client announced: RFC 9530 `Repr-Digest: sha-256=:<base64>:` or
-    `X-Content-SHA256: <hex>`. Other algorithms in Repr-Digest are ignored, as the RFC allows."""
-    hex_digest = request.META.get("HTTP_X_CONTENT_SHA256")
-    repr_digest = request.META.get("HTTP_REPR_DIGEST")
-    if repr_digest:
-        for member in repr_digest.split(","):
-            algorithm, _, value = member.strip().partition("=")
-            if algorithm.strip().lower() != "sha-256":
-                continue
-            value = value.strip()
-            try:
-                if not (value.startswith(":") and value.endswith(":")):
-                    raise ValueError
-                raw = base64.b64decode(value[1:-1], validate=True)
-            except (ValueError, binascii.Error):
-                raise ValidationError(
-                    {"Repr-Digest": ["sha-256 must be a byte sequence, e.g. sha-256=:<base64>:"]}
-                ) from None
-            from_repr = raw.hex()
-            if hex_digest and hex_digest.strip().lower() != from_repr:
-                raise ValidationError({"sha256": ["Repr-Digest and X-Content-SHA256 disagree."]})
-            return from_repr
-    return hex_digest
 
 
 def _verify_digest(params: dict[str, Any], spooled: spool.SpooledFile) -> None:
@@ -355,36 +317,9 @@ def _destinations(request: Request, params: dict[str, Any], size: int | None) ->
         return resolve(fresh.grants)
 
 
-def _timed_out(exc: BaseException) -> bool:
-    while exc is not None:
-        if isinstance(exc, TimeoutError):
-            return True
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return False
-
-
-# IETF draft-ietf-httpapi-idempotency-key-header: a string, sent quoted (a structured field)
-# or bare; here 1-255 printable ASCII characters.
-IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
-
-
-def _idempotency_key(request: Request) -> str:
-    raw = request.META.get("HTTP_IDEMPOTENCY_KEY")
-    if raw is None:
-        return ""
-    key = raw.strip()
-    if len(key) >= 2 and key[0] == key[-1] == '"':
-        key = key[1:-1]
-    if not IDEMPOTENCY_KEY.match(key):
-        raise ValidationError(
-            {"Idempotency-Key": ["An idempotency key is 1-255 printable ASCII characters."]}
-        )
-    return key
-
-
 def _raw_params(request: Request) -> dict[str, Any]:
     raw = {name: request.META.get(h) for h, name in RAW_HEADERS.items()}
-    return _validated({**raw, "sha256": _expected_sha256(request)})
+    return _validated({**raw, "sha256": expected_sha256(request)})
 
 
 def _check_same_upload(params: dict[str, Any], earlier: UploadTask | UploadBatch) -> None:
@@ -403,25 +338,6 @@ def _check_same_upload(params: dict[str, Any], earlier: UploadTask | UploadBatch
             f"This Idempotency-Key was used for {what}{where}; use a new key for a different "
             "upload."
         )
-
-
-MAX_WAIT_SECONDS = 60
-
-
-def _wait_seconds(request: Request) -> int | None:
-    raw = request.query_params.get("wait")
-    if raw is None:
-        return None
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_WAIT_SECONDS:
-        raise ValidationError(
-            {"wait": [f"A whole number of seconds from 1 to {MAX_WAIT_SECONDS}."]}
-        )
-    return int(raw)
-
-
-def _source(request: Request) -> str | None:
-    address: str | None = request.META.get("REMOTE_ADDR") or None
-    return address
 
 
 class UploadViewSet(
@@ -485,7 +401,7 @@ class UploadViewSet(
         responses={200: UploadTaskSerializer, 400: OpenApiResponse(), 404: OpenApiResponse()},
     )
     def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        wait = _wait_seconds(request)
+        wait = wait_seconds(request)
         task = self.get_object()
         headers = {}
         if wait and not task.is_finished:
@@ -578,7 +494,7 @@ class UploadViewSet(
                 action="upload",
                 outcome="refused",
                 user=request.user,
-                source=_source(request),
+                source=request_source(request),
                 status=exc.status_code,
                 reason=exc.detail,
             )
@@ -587,7 +503,7 @@ class UploadViewSet(
     def _create(self, request: Request) -> Response:
         content_type = request.content_type.split(";")[0].strip().lower()
         owner = cast(User, request.user)  # IsAuthenticated has run
-        key = _idempotency_key(request)
+        key = idempotency_key(request)
         earlier: UploadTask | UploadBatch | None = None
         if key:
             earlier = selectors.task_by_idempotency_key(
@@ -622,7 +538,7 @@ class UploadViewSet(
             services.upload_create,
             spooled=spooled,
             idempotency_key=key,
-            source=_source(request),
+            source=request_source(request),
             **params,
         )
         try:
@@ -657,7 +573,7 @@ class UploadViewSet(
             spooled=spooled,
             requested=",".join(params["instances"]),
             idempotency_key=key,
-            source=_source(request),
+            source=request_source(request),
             **_upload_options(params),
         )
         try:
@@ -723,7 +639,7 @@ class UploadViewSet(
             action="upload",
             outcome="replayed",
             user=request.user,
-            source=_source(request),
+            source=request_source(request),
             **(
                 {"batch_id": str(earlier.pk)}
                 if isinstance(earlier, UploadBatch)
@@ -736,10 +652,10 @@ class UploadViewSet(
         params = _raw_params(request)
         copies = 1
         if "instances" in params:
-            params["destinations"] = _destinations(request, params, _content_length(request))
+            params["destinations"] = _destinations(request, params, content_length(request))
             copies = len(params["destinations"])
         else:
-            _check_granted(request, params, _content_length(request))
+            _check_granted(request, params, content_length(request))
         length = _check_capacity(request, copies)
         environ = request._request.META
         if length is None:
@@ -764,7 +680,7 @@ class UploadViewSet(
         except spool.SpoolFull as exc:
             raise InsufficientStorage() from exc
         except spool.TruncatedBody as exc:
-            if _timed_out(exc):
+            if timed_out(exc):
                 raise BodyTimeout() from exc
             raise IncompleteBody(str(exc)) from exc
         if length is None:
@@ -794,7 +710,7 @@ class UploadViewSet(
         except spool.SpoolFull as exc:
             raise InsufficientStorage() from exc
         except OSError as exc:  # UnreadablePostError: reset, or the read timed out
-            if _timed_out(exc):
+            if timed_out(exc):
                 raise BodyTimeout() from exc
             raise IncompleteBody(f"the connection failed while reading the body: {exc}") from exc
         counter = django_request.META.get(ENVIRON_KEY)
@@ -841,7 +757,7 @@ class UploadViewSet(
         task = services.upload_retry(
             task=task,
             actor=request.user,
-            source=_source(request),
+            source=request_source(request),
             changes=dict(corrections.validated_data),
         )
         return Response(self.get_serializer(task).data)
@@ -858,7 +774,7 @@ class UploadViewSet(
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, pk: str | None = None) -> Response:
         task = self._changeable_object()
-        task = services.upload_cancel(task=task, actor=request.user, source=_source(request))
+        task = services.upload_cancel(task=task, actor=request.user, source=request_source(request))
         return Response(self.get_serializer(task).data)
 
 
@@ -897,7 +813,7 @@ class BatchViewSet(mixins.RetrieveModelMixin, viewsets.GenericViewSet[UploadBatc
         responses={200: BatchSerializer, 400: OpenApiResponse(), 404: OpenApiResponse()},
     )
     def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        wait = _wait_seconds(request)
+        wait = wait_seconds(request)
         batch = self.get_object()
         headers = {}
         if wait:
