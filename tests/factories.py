@@ -14,7 +14,7 @@ def spooled(content: bytes = b"payload\n") -> Any:
 
 
 def make_task(owner: Any, content: bytes = b"payload\n", **fields: Any) -> Any:
-    params: dict[str, Any] = {"container": "web1", "path": "/srv/app/file.txt"}
+    params: dict[str, Any] = {"instance": "web1", "path": "/srv/app/file.txt"}
     params.update(fields)
     task = services.upload_create(owner=owner, spooled=spooled(content), **params)
     assert task.sha256 == hashlib.sha256(content).hexdigest()

@@ -93,7 +93,7 @@ def operator(staff_user: Any) -> Client:
 class TestChangelist:
     def test_row_shows_the_task_at_a_glance(self, admin_client: Client, user: Any) -> None:
         long_error = "push failed: " + "x" * 200
-        task = make_task(user, content=b"z" * 2048, container="web1", project="staging")
+        task = make_task(user, content=b"z" * 2048, instance="web1", project="staging")
         set_state(task, status=Status.FAILED, last_error=long_error, attempts=2)
         response = admin_client.get(CHANGELIST)
         assert response.status_code == 200
@@ -120,7 +120,7 @@ class TestChangelist:
     def test_instance_column_names_project_and_remote_when_not_default(
         self, admin_client: Client, user: Any, target: dict[str, str], shown: str
     ) -> None:
-        make_task(user, container="web1", **target)
+        make_task(user, instance="web1", **target)
         html = admin_client.get(CHANGELIST).content.decode()
         assert f'<td class="field-instance_display">{shown}</td>' in html
 
@@ -147,8 +147,8 @@ class TestChangelist:
     def test_filters_by_instance_project_and_owner(
         self, admin_client: Client, user: Any, other_user: Any
     ) -> None:
-        web1 = make_task(user, container="web1")
-        web2 = make_task(other_user, container="web2", project="staging")
+        web1 = make_task(user, instance="web1")
+        web2 = make_task(other_user, instance="web2", project="staging")
         assert listed(admin_client.get(CHANGELIST, {"instance": "web2"})) == {web2.pk}
         assert listed(admin_client.get(CHANGELIST, {"project": "default"})) == {web1.pk}
         response = admin_client.get(CHANGELIST, {"owner__id__exact": other_user.pk})
@@ -157,8 +157,8 @@ class TestChangelist:
         assert listed(admin_client.get(CHANGELIST, {"remote": "prod"})) == {prod.pk}
 
     def test_search_by_instance_path_and_error(self, admin_client: Client, user: Any) -> None:
-        web1 = make_task(user, container="web1")
-        web2 = failed(user, container="web2", path="/etc/motd")
+        web1 = make_task(user, instance="web1")
+        web2 = failed(user, instance="web2", path="/etc/motd")
         assert listed(admin_client.get(CHANGELIST, {"q": "web2"})) == {web2.pk}
         assert listed(admin_client.get(CHANGELIST, {"q": "motd"})) == {web2.pk}
         assert listed(admin_client.get(CHANGELIST, {"q": "not found"})) == {web2.pk}
@@ -210,11 +210,11 @@ class TestChangelist:
 
         owners = [user, other_user]
         for i in range(3):
-            failed(owners[i % 2], container=f"web{i}")
+            failed(owners[i % 2], instance=f"web{i}")
         few = queries()
         owners += [django_user_model.objects.create_user(username=f"u{i}") for i in range(3)]
         for i in range(27):
-            make_task(owners[i % len(owners)], container=f"db{i}", project=f"p{i % 3}")
+            make_task(owners[i % len(owners)], instance=f"db{i}", project=f"p{i % 3}")
         fail_one_attempt("boom")
         assert UploadTask.objects.count() == 30
         assert queries() == few
@@ -380,7 +380,7 @@ class TestRetryButton:
     def test_owner_without_a_grant_is_refused(
         self, admin_client: Client, django_user_model: Any
     ) -> None:
-        task = failed(django_user_model.objects.create_user(username="carol"), container="db1")
+        task = failed(django_user_model.objects.create_user(username="carol"), instance="db1")
         response = admin_client.post(retry_url(task), follow=True)
         [message] = texts(response)
         assert message.startswith("Not retried: you have no grant for instance 'db1'")

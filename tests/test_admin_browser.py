@@ -76,9 +76,9 @@ def test_operator_retries_a_failed_upload(
 
     wait = WebDriverWait(browser, WAIT_SECONDS)
     django_user_model.objects.create_superuser("root", "root@example.com", "pw-root-123")
-    task = make_task(user, container="web9")
+    task = make_task(user, instance="web9")
     UploadTask.objects.filter(pk=task.pk).update(status=Status.FAILED, last_error=ERROR)
-    still_pending = make_task(user, container="web1")
+    still_pending = make_task(user, instance="web1")
 
     browser.get(f"{live_server.url}/admin/")
     browser.find_element(By.ID, "id_username").send_keys("root")

@@ -585,7 +585,7 @@ class TestIdempotencyKey:
         from tests.factories import spooled
         from uploads import services
 
-        params = {"container": "web1", "path": "/srv/app/x", "idempotency_key": "race"}
+        params = {"instance": "web1", "path": "/srv/app/x", "idempotency_key": "race"}
         first = services.upload_create(owner=user, spooled=spooled(b"one"), **params)
         with pytest.raises(services.DuplicateUpload) as raised:
             services.upload_create(owner=user, spooled=spooled(b"two"), **params)

@@ -250,7 +250,7 @@ def _check_granted(request: Request, params: dict[str, Any], size: int | None) -
     destination = {
         "remote": params["remote"],
         "project": params["project"],
-        "instance": params["container"],
+        "instance": params["instance"],
         "path": params["path"],
         "size": size,
         "uid": params["uid"],
@@ -325,7 +325,7 @@ def _raw_params(request: Request) -> dict[str, Any]:
 def _check_same_upload(params: dict[str, Any], earlier: UploadTask | UploadBatch) -> None:
     """A resend must name the destination the key was first used for (for a fan-out: the
     instances as it named them)."""
-    requested = ",".join(params["instances"]) if "instances" in params else params["container"]
+    requested = ",".join(params["instances"]) if "instances" in params else params["instance"]
     sent = (params["remote"], params["project"], requested, params["path"])
     if isinstance(earlier, UploadBatch):
         task = selectors.batch_tasks(earlier).first()

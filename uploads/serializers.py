@@ -115,7 +115,8 @@ class UploadOptionsSerializer(serializers.Serializer[dict[str, Any]]):
 class UploadParamsSerializer(UploadOptionsSerializer):
     """An upload's instance and options."""
 
-    container = serializers.CharField(max_length=63, trim_whitespace=True)
+    # The API says container (the seed's X-Container-Name); inside, everything says instance.
+    container = serializers.CharField(max_length=63, trim_whitespace=True, source="instance")
 
     # The instance comes first, in the fields and so in the errors.
     def get_fields(self) -> dict[str, serializers.Field]:
@@ -173,7 +174,7 @@ def _plain_params(data: dict[str, Any]) -> dict[str, Any] | None:
     if not isinstance(container, str) or not INSTANCE_NAME.match(container):
         return None
     options = _plain_options(data)
-    return None if options is None else {"container": container, **options}
+    return None if options is None else {"instance": container, **options}
 
 
 def _plain_options(data: dict[str, Any]) -> dict[str, Any] | None:

@@ -87,7 +87,7 @@ def upload_create(
     *,
     owner: User,
     spooled: spool.SpooledFile,
-    container: str,
+    instance: str,
     path: str,
     project: str = "default",
     remote: str = "local",
@@ -114,7 +114,7 @@ def upload_create(
     """
     task = UploadTask(
         owner=owner,
-        instance=container,
+        instance=instance,
         project=project,
         remote=remote,
         path=path,
@@ -152,7 +152,7 @@ def upload_create(
         "task=%s accepted instance=%s/%s path=%s size=%d",
         task.pk,
         project,
-        container,
+        instance,
         path,
         spooled.size,
     )
