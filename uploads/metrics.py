@@ -31,7 +31,9 @@ UPLOADS_REFUSED = Counter(
 UPLOAD_BYTES = Counter("uploadsvc_upload_bytes", "Bytes of accepted uploads")
 PUSH_ATTEMPTS = Counter(
     "uploadsvc_push_attempts",
-    "Push attempts by outcome (succeeded, pending = will retry, failed, claim-lost)",
+    "Push attempts by outcome: succeeded, pending (will retry), failed, released (by a worker"
+    " that stopped, to be pushed again), claim-lost (not recorded: the"
+    " task was taken over, cancelled or deleted meanwhile)",
     ["outcome"],
 )
 PUSH_DURATION = Histogram(
