@@ -1,4 +1,4 @@
-"""`python -m bench [ingest|e2e|queue|push_speed|fanout ...] [--quick] [--profile]`: run benchmarks.
+"""`python -m bench [NAME ...] [--quick] [--profile]`: run benchmarks (all, or those named).
 
 Prepares one run (a temporary directory, fresh SQLite and PostgreSQL databases, a user with a
 token, the Go reference built when `go` is on PATH), runs the chosen benchmarks in order, prints
@@ -48,6 +48,7 @@ BENCHMARKS = {
     "e2e": "bench.e2e",
     "queue": "bench.queuebench",
     "ingest": "bench.ingest",
+    "durability": "bench.durability",
     "push_speed": "bench.push_speed_runner",
     "webserver": "bench.webserver",
     "fanout": "bench.fanout",
