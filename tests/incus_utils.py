@@ -1,8 +1,16 @@
-"""Look inside real Incus instances from tests, with the incus CLI."""
+"""Helpers for tests against the real Incus: look inside its instances with the incus CLI, and
+send uploads through the API to a worker that pushes them there."""
 
 import hashlib
 import subprocess
 import uuid
+from typing import Any
+
+from rest_framework.test import APIClient
+
+from uploads.incus import IncusPusher
+from uploads.models import UploadTask
+from uploads.worker import Worker
 
 RUNNING = "uploadsvc-run"
 STOPPED = "uploadsvc-stopped"
@@ -103,3 +111,32 @@ def symlink_in(
 
 def readlink_in(instance: str, path: str, project: str = "default") -> str:
     return run_in(instance, "busybox", "readlink", path, project=project).strip()
+
+
+def upload(
+    api: APIClient, body: bytes, container: str, path: str, **headers: str
+) -> dict[str, Any]:
+    meta = {f"HTTP_{k.upper()}": v for k, v in headers.items()}
+    response = api.generic(
+        "POST",
+        "/api/uploads/",
+        body,
+        content_type="application/octet-stream",
+        HTTP_X_CONTAINER_NAME=container,
+        HTTP_X_FILE_PATH=path,
+        **meta,
+    )
+    assert response.status_code == 202, response.content
+    data: dict[str, Any] = response.json()
+    return data
+
+
+def run_worker(threads: int = 2) -> None:
+    assert (
+        Worker(threads=threads, burst=True, poll_interval=0.05, pusher_factory=IncusPusher).run()
+        == 0
+    )
+
+
+def task_of(data: dict[str, Any]) -> UploadTask:
+    return UploadTask.objects.get(pk=data["id"])

@@ -26,9 +26,12 @@ from tests.incus_utils import (
     STOPPED,
     incus,
     run_in,
+    run_worker,
     sha256_in,
     stat_in,
+    task_of,
     unique_dir,
+    upload,
 )
 from uploads.incus import IncusPusher
 from uploads.models import AuditEvent, Outcome, Status, UploadAttempt, UploadTask
@@ -50,35 +53,6 @@ def workdir() -> Iterator[str]:
     run_in(RUNNING, "mkdir", "-p", path)
     yield path
     run_in(RUNNING, "rm", "-rf", path)
-
-
-def upload(
-    api: APIClient, body: bytes, container: str, path: str, **headers: str
-) -> dict[str, Any]:
-    meta = {f"HTTP_{k.upper()}": v for k, v in headers.items()}
-    response = api.generic(
-        "POST",
-        "/api/uploads/",
-        body,
-        content_type="application/octet-stream",
-        HTTP_X_CONTAINER_NAME=container,
-        HTTP_X_FILE_PATH=path,
-        **meta,
-    )
-    assert response.status_code == 202, response.content
-    data: dict[str, Any] = response.json()
-    return data
-
-
-def run_worker(threads: int = 2) -> None:
-    assert (
-        Worker(threads=threads, burst=True, poll_interval=0.05, pusher_factory=IncusPusher).run()
-        == 0
-    )
-
-
-def task_of(data: dict[str, Any]) -> UploadTask:
-    return UploadTask.objects.get(pk=data["id"])
 
 
 def test_upload_lands_in_running_instance_with_mode_and_owner(

@@ -13,8 +13,16 @@ import pytest
 from django.test import Client
 from rest_framework.test import APIClient
 
-from tests.incus_utils import P2_PROJECT, P2_RUNNING, RUNNING, run_in, sha256_in
-from tests.test_incus import run_worker, task_of, upload
+from tests.incus_utils import (
+    P2_PROJECT,
+    P2_RUNNING,
+    RUNNING,
+    run_in,
+    run_worker,
+    sha256_in,
+    task_of,
+    upload,
+)
 from uploads.incus import IncusPusher
 from uploads.models import Grant, Status
 from uploads.pushers import PermanentPushError, PushRequest, TransientPushError
