@@ -13,7 +13,7 @@ from typing import Any
 
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q
+from django.db.models import F
 from django.db.models.functions import Greatest, Now
 
 from uploads import queue, spool
@@ -34,6 +34,7 @@ from uploads.selectors import (
     check_grants,
     count_pending_upload,
     is_glob,
+    purgeable,
     task_by_idempotency_key,
     task_permission,
     unneeded_bodies,
@@ -448,12 +449,11 @@ def purge_finished(
     `failed_before`. Each batch is locked while it is deleted: a retry that comes first keeps
     its task (and its file); one that comes after finds the task gone. With `orphans_before`,
     spool files last modified before it that no task may still need go too (left by a crash
-    between spooling and queueing, or after a success).
+    between spooling and queueing, or after a success). `selectors.purge_plan` says what this
+    would delete, deleting nothing.
     """
     deleted_tasks = deleted_files = 0
-    old = Q(status=Status.SUCCEEDED, finished_at__lt=succeeded_before) | Q(
-        status__in=[Status.FAILED, Status.CANCELLED], finished_at__lt=failed_before
-    )
+    old = purgeable(succeeded_before=succeeded_before, failed_before=failed_before)
     while True:
         with transaction.atomic():
             batch = list(

@@ -7,7 +7,7 @@ from typing import Any
 from django.core.management.base import BaseCommand
 from django.utils import timezone
 
-from uploads import services
+from uploads import selectors, services
 
 
 def non_negative_float(value: str) -> float:
@@ -43,6 +43,11 @@ class Command(BaseCommand):
             metavar="DAYS",
             help="also delete spool files no live task references, older than this (1)",
         )
+        parser.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="say what would be deleted and delete nothing (-v 2 lists it)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         now = timezone.now()
@@ -50,12 +55,29 @@ class Command(BaseCommand):
         failed_days = options["failed_older_than"]
         if failed_days is None:
             failed_days = days * 2
-        result = services.purge_finished(
-            succeeded_before=now - timedelta(days=days),
-            failed_before=now - timedelta(days=failed_days),
-            batch_size=options["batch_size"],
-            orphans_before=now - timedelta(days=options["orphans_older_than"]),
-        )
+        cutoffs = {
+            "succeeded_before": now - timedelta(days=days),
+            "failed_before": now - timedelta(days=failed_days),
+            "orphans_before": now - timedelta(days=options["orphans_older_than"]),
+            "batch_size": options["batch_size"],
+        }
+        if options["dry_run"]:
+            plan = selectors.purge_plan(**cutoffs)
+            if options["verbosity"] >= 2:
+                for task in plan.tasks:
+                    finished = f"{task.finished_at:%Y-%m-%d %H:%M}" if task.finished_at else "?"
+                    self.stdout.write(
+                        f"upload {task.id}  {task.status} {finished}  "
+                        f"{task.project}/{task.instance}:{task.path}"
+                    )
+                for name in plan.spool_names:
+                    self.stdout.write(f"spool file {name}")
+            self.stdout.write(
+                f"Would delete {len(plan.tasks)} upload(s) and {len(plan.spool_names)} spool "
+                "file(s); nothing was deleted (dry run)."
+            )
+            return
+        result = services.purge_finished(**cutoffs)
         self.stdout.write(
             f"Deleted {result.tasks} upload(s) and {result.spool_files} spool file(s)."
         )
