@@ -9,7 +9,7 @@ from fnmatch import fnmatchcase
 from typing import Any, NamedTuple, TypedDict
 
 from django.contrib.auth.models import User
-from django.db.models import Count, Min, Q, QuerySet
+from django.db.models import Count, F, Min, Q, QuerySet
 
 from uploads import spool
 from uploads.grants import describe_owners, normal_prefix, owners_allow, path_below
@@ -258,6 +258,24 @@ class OwnerGrants:
 def user_grants(*, user: Any) -> QuerySet[Grant]:
     """The grants a user holds, directly or through a group (one row per way it is held)."""
     return Grant.objects.filter(Q(user=user) | Q(group__user=user))
+
+
+def grant_list(*, user: Any = None, group: Any = None) -> QuerySet[Grant]:
+    """Every grant, or those a user holds (directly or through a group), or a group's: users'
+    grants first, then groups', each by name, remote, project and instance glob."""
+    grants = Grant.objects.select_related("user", "group")
+    if user is not None:
+        grants = grants.filter(Q(user=user) | Q(group__user=user))
+    elif group is not None:
+        grants = grants.filter(group=group)
+    return grants.order_by(
+        F("user__username").asc(nulls_last=True),
+        F("group__name").asc(nulls_last=True),
+        "remote",
+        "project",
+        "instance_glob",
+        "pk",
+    )
 
 
 def owner_grants(owner_ids: Iterable[int]) -> dict[int, OwnerGrants]:
