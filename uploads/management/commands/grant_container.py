@@ -53,19 +53,37 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
-            "who", nargs="?", help="a user name, or @group (with --list: whose grants; optional)"
+            "who",
+            nargs="?",
+            metavar="USER|@GROUP",
+            help="a user name, or @group (with --list: whose grants to show; optional)",
         )
-        parser.add_argument("glob", nargs="?", help="instance-name glob, e.g. web-* or ci-runner")
-        parser.add_argument("--project", default="default", help="project name or glob")
-        parser.add_argument("--remote", default="local")
+        parser.add_argument(
+            "glob", nargs="?", metavar="GLOB", help="instance-name glob, e.g. web-* or ci-runner"
+        )
+        parser.add_argument(
+            "--project", default="default", help="project name or glob (default: default)"
+        )
+        parser.add_argument(
+            "--remote",
+            default="local",
+            help="Incus remote, as UPLOADS_REMOTES names it (default: local)",
+        )
         parser.add_argument(
             "--path-prefix",
             action="append",
             default=[],
             dest="path_prefixes",
+            metavar="DIR",
             help="directory files may be written under (repeatable; default: anywhere)",
         )
-        parser.add_argument("--max-size", type=int, default=None, help="largest file, bytes")
+        parser.add_argument(
+            "--max-size",
+            type=int,
+            default=None,
+            metavar="BYTES",
+            help="largest file (default: no limit)",
+        )
         parser.add_argument(
             "--owner",
             action="append",

@@ -17,6 +17,13 @@ def non_negative_float(value: str) -> float:
     return number
 
 
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
 class Command(BaseCommand):
     help = "Delete finished uploads older than a retention period, and their spool files."
 
@@ -35,7 +42,13 @@ class Command(BaseCommand):
             metavar="DAYS",
             help="retention for failed and cancelled uploads (default: twice --older-than)",
         )
-        parser.add_argument("--batch-size", type=int, default=500)
+        parser.add_argument(
+            "--batch-size",
+            type=positive_int,
+            default=500,
+            metavar="N",
+            help="uploads deleted per transaction (500)",
+        )
         parser.add_argument(
             "--orphans-older-than",
             type=non_negative_float,
