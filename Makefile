@@ -5,10 +5,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 SECRET := var/secret-key
 
-# A local secret key, made once, so the service runs with DEBUG off without setup.
-export DJANGO_SECRET_KEY ?= $(shell mkdir -p var && { test -s $(SECRET) || (umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(50))' > $(SECRET)); } && cat $(SECRET))
+.PHONY: run test faults lint format incus bench clean $(SECRET)
 
-.PHONY: run test faults lint format incus bench clean
+# A local secret key, made once and readable by you alone: outside production the settings use
+# it when DJANGO_SECRET_KEY is unset, so the service (and manage.py in any terminal) runs with
+# DEBUG off without setup.
+$(SECRET):
+	@test -s $@ || { mkdir -p $(@D) && umask 077 \
+		&& $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(50))' > $@.new \
+		&& mv $@.new $@ && echo "wrote a local secret key to $@"; }
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,12 +21,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-run: $(STAMP)
+run: $(STAMP) $(SECRET)
 	$(BIN)/python manage.py migrate --noinput
 	mkdir -p var/static
 	scripts/run
 
-test: $(STAMP)
+test: $(STAMP) $(SECRET)
 	$(BIN)/ruff check .
 	$(BIN)/mypy uploads uploadsvc
 	$(BIN)/python manage.py makemigrations --check --dry-run
@@ -29,15 +34,15 @@ test: $(STAMP)
 
 # Fault injection: stops incusd, restarts PostgreSQL (with a PostgreSQL DATABASE_URL), fills a
 # tmpfs spool. Needs root and the local Incus; .ci/run runs it on PostgreSQL.
-faults: $(STAMP)
+faults: $(STAMP) $(SECRET)
 	$(BIN)/pytest -m faults $(PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: $(STAMP) $(SECRET)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy uploads uploadsvc
 
-format: $(STAMP)
+format: $(STAMP) $(SECRET)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 

@@ -7,13 +7,14 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from django.db import connection
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from tests.incus_utils import environment_problems
 from uploads import wakeup
 from uploads.models import Grant
 
@@ -200,9 +201,11 @@ INCUS_SOCKET = "/var/lib/incus/unix.socket"
 
 @pytest.fixture(scope="session")
 def incus() -> str:
-    """A reachable Incus daemon, or a skip with the way to get one.
+    """A reachable Incus daemon with what `make incus` sets up (the test instances, their image
+    and project, the HTTPS listener), checked once per session; or a skip that says so and how
+    to get it.
 
-    With REQUIRE_INCUS=1 (CI sets it) an unreachable Incus fails the test instead.
+    With REQUIRE_INCUS=1 (CI sets it) the same reason fails the test instead.
     """
     from uploads.incus import IncusPusher
 
@@ -213,8 +216,18 @@ def incus() -> str:
     finally:
         pusher.close()
     if problem:
-        message = f"no Incus reachable ({problem}); run `sudo make incus` to set one up"
-        if os.environ.get("REQUIRE_INCUS") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+        incus_unavailable(f"no Incus reachable ({problem})")
+    missing = environment_problems()
+    if missing:
+        incus_unavailable(
+            f"Incus answers, but the test environment is incomplete: {'; '.join(missing)}"
+        )
     return endpoint
+
+
+def incus_unavailable(reason: str) -> NoReturn:
+    """Skip the test, or fail it under REQUIRE_INCUS=1, with the reason and the way out."""
+    message = f"{reason}. Run `make incus` as root to set it up"
+    if os.environ.get("REQUIRE_INCUS") == "1":
+        pytest.fail(message)
+    pytest.skip(message)

@@ -29,12 +29,12 @@ from tests.incus_utils import (
     is_running,
     readlink_in,
     run_in,
+    run_worker,
     stat_in,
     symlink_in,
     unique_dir,
     unique_name,
 )
-from tests.test_incus import run_worker
 from uploads.models import AuditEvent, Grant, Outcome, Status, UploadAttempt, UploadTask
 
 pytestmark = [pytest.mark.incus, pytest.mark.django_db(transaction=True)]

@@ -303,3 +303,70 @@ def test_check_deploy_passes_with_the_documented_production_settings(tmp_path: P
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def listing(*args: str) -> list[str]:
+    out = StringIO()
+    call_command("grant_container", "--list", *args, stdout=out)
+    return out.getvalue().splitlines()
+
+
+def test_list_shows_every_grant_as_a_table(carol: Any, django_user_model: Any) -> None:
+    ops = Group.objects.create(name="ops")
+    carol.groups.add(ops)
+    dave = django_user_model.objects.create_user(username="dave")
+    grant("carol", "web-*", "--path-prefix", "/srv/www", "--path-prefix", "/srv/app")
+    grant("carol", "db1", "--project", "staging", "--owner", "33:33", "--max-size", "1000")
+    grant("@ops", "ci-*")
+    grant("dave", "*")
+    assert listing() == [
+        "WHO    REMOTE  PROJECT  INSTANCES  PREFIXES            OWNERS  MAX SIZE",
+        "carol  local   default  web-*      /srv/www, /srv/app  none    no limit",
+        "carol  local   staging  db1        any path            33:33   1000 bytes",
+        "dave   local   default  *          any path            none    no limit",
+        "@ops   local   default  ci-*       any path            none    no limit",
+    ]
+    # A user's own grants and those of their groups; a group's alone.
+    assert [line.split()[0] for line in listing("carol")] == ["WHO", "carol", "carol", "@ops"]
+    assert [line.split()[0] for line in listing("@ops")] == ["WHO", "@ops"]
+    assert dave.upload_grants.count() == 1
+
+
+def test_list_says_when_there_is_nothing(carol: Any) -> None:
+    assert listing() == ["No grants."]
+    assert listing("carol") == ["carol holds no grants."]
+    with pytest.raises(CommandError, match="no such user or group: @nobody"):
+        listing("@nobody")
+    with pytest.raises(CommandError, match="--list takes at most USER"):
+        listing("carol", "web1")
+
+
+def test_revoke_that_matches_nothing_says_so_and_fails(carol: Any) -> None:
+    grant("carol", "web1")
+    with pytest.raises(CommandError) as failure:
+        grant("carol", "web2", "--revoke")
+    assert str(failure.value) == (
+        "no grant of carol for local:default/web2 to revoke (--list carol shows theirs)"
+    )
+    assert carol.upload_grants.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_revoke_that_matches_nothing_exits_non_zero(carol: Any, spool: Path) -> None:
+    """As an operator runs it: the message on standard error and exit status 1."""
+    result = subprocess.run(
+        [sys.executable, "manage.py", "grant_container", "carol", "web2", "--revoke"],
+        cwd=ROOT,
+        env=subprocess_env(spool),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "CommandError: no grant of carol for local:default/web2 to revoke" in result.stderr
+
+
+def test_grant_needs_who_and_glob(carol: Any) -> None:
+    with pytest.raises(CommandError, match="give USER\\|@GROUP and an instance GLOB"):
+        call_command("grant_container", "carol", stdout=StringIO())

@@ -70,3 +70,60 @@ def test_a_fanouts_body_stays_while_one_of_its_tasks_may_need_it(user: Any, spoo
     call_command("purge_uploads", "--older-than", "0", stdout=StringIO())
     assert not UploadTask.objects.exists()
     assert not UploadBatch.objects.exists()  # the batch went with its last task
+
+
+def test_dry_run_says_what_would_go_and_deletes_nothing(user: Any, spool: Path) -> None:
+    old_ok, new_ok, old_failed, mid_failed, pending = (make_task(user) for _ in range(5))
+    age(old_ok, Status.SUCCEEDED, 20)
+    age(new_ok, Status.SUCCEEDED, 1)
+    age(old_failed, Status.FAILED, 40)
+    age(mid_failed, Status.CANCELLED, 20)
+    orphan = spool / ("a" * 32)
+    orphan.write_bytes(b"left by a crash")
+    old = time.time() - 3 * 86400
+    for path in (orphan, spool / pending.spool_name):
+        os.utime(path, (old, old))
+    tasks_before = set(UploadTask.objects.values_list("pk", flat=True))
+    files_before = spool_files(spool)
+
+    out = StringIO()
+    call_command("purge_uploads", "--dry-run", "-v", "2", stdout=out)
+    lines = out.getvalue().splitlines()
+    assert set(UploadTask.objects.values_list("pk", flat=True)) == tasks_before
+    assert spool_files(spool) == files_before
+    assert lines[-1] == (
+        "Would delete 2 upload(s) and 3 spool file(s); nothing was deleted (dry run)."
+    )
+    # Oldest first; the pending task's old file is needed and stays off the list.
+    assert [line.split()[1] for line in lines if line.startswith("upload ")] == [
+        str(old_failed.pk),
+        str(old_ok.pk),
+    ]
+    assert sorted(line.split()[2] for line in lines if line.startswith("spool file ")) == sorted(
+        [old_ok.spool_name, old_failed.spool_name, orphan.name]
+    )
+
+    out = StringIO()
+    call_command("purge_uploads", stdout=out)
+    assert out.getvalue() == "Deleted 2 upload(s) and 3 spool file(s).\n"
+    assert set(spool_files(spool)) == {t.spool_name for t in (new_ok, mid_failed, pending)}
+
+
+def test_dry_run_keeps_a_fanouts_body_while_one_of_its_tasks_may_need_it(
+    user: Any, spool: Path
+) -> None:
+    """As the real purge: the shared file stays while a task that could be retried is kept."""
+    batch = make_batch(user, ["web1", "web2"])
+    first, second = UploadTask.objects.filter(batch=batch).order_by("instance")
+    age(first, Status.SUCCEEDED, 20)
+    age(second, Status.FAILED, 20)
+    out = StringIO()
+    call_command("purge_uploads", "--dry-run", stdout=out)
+    assert out.getvalue().startswith("Would delete 1 upload(s) and 0 spool file(s)")
+    out = StringIO()
+    call_command("purge_uploads", stdout=out)
+    assert out.getvalue() == "Deleted 1 upload(s) and 0 spool file(s).\n"
+    assert spool_files(spool) == [first.spool_name]
+    out = StringIO()
+    call_command("purge_uploads", "--dry-run", "--failed-older-than", "10", stdout=out)
+    assert out.getvalue().startswith("Would delete 1 upload(s) and 1 spool file(s)")

@@ -13,26 +13,31 @@ import pytest
 from django.test import Client
 from rest_framework.test import APIClient
 
-from tests.incus_utils import P2_PROJECT, P2_RUNNING, RUNNING, run_in, sha256_in
-from tests.test_incus import run_worker, task_of, upload
+from tests.incus_utils import (
+    CLIENT_DIR,
+    HTTPS_ADDRESS,
+    P2_PROJECT,
+    P2_RUNNING,
+    RUNNING,
+    run_in,
+    run_worker,
+    sha256_in,
+    task_of,
+    upload,
+)
 from uploads.incus import IncusPusher
 from uploads.models import Grant, Status
 from uploads.pushers import PermanentPushError, PushRequest, TransientPushError
 
 pytestmark = [pytest.mark.incus, pytest.mark.django_db(transaction=True)]
 
-CLIENT_DIR = Path("/var/lib/uploadsvc-test")
-HTTPS = "https://127.0.0.1:8443"
+HTTPS = f"https://{HTTPS_ADDRESS}"
 
 
 @pytest.fixture
 def tls(incus: str, settings: Any) -> dict[str, Any]:
-    """Settings naming two remotes: `local` (the socket) and `edge` (HTTPS, pinned)."""
-    if not (CLIENT_DIR / "client.crt").exists():
-        message = f"no test client certificate in {CLIENT_DIR}; run `sudo make incus`"
-        if os.environ.get("REQUIRE_INCUS") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+    """Settings naming two remotes: `local` (the socket) and `edge` (HTTPS, pinned). The
+    `incus` fixture checked that the HTTPS listener and the certificates are there."""
     edge = {
         "endpoint": HTTPS,
         "cert": str(CLIENT_DIR / "client.crt"),

@@ -1,7 +1,7 @@
 """The Worker loop and the run_push_workers command, with pushers that need no Incus.
 
 Faults are injected with the test pushers in tests/pushers.py; delivery itself is proven
-against the real Incus in test_incus.py.
+against the real Incus in test_incus.py (the pusher) and test_delivery.py (end to end).
 """
 
 import os

@@ -32,7 +32,6 @@ from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from uploads import selectors, services, spool
-from uploads.audit import audit
 from uploads.conf import uploads_settings
 from uploads.grants import parse_owner
 from uploads.models import (
@@ -762,36 +761,15 @@ class GrantAdmin(GrantAdminBase):
         return fields if obj is not None else [f for f in fields if f != "created_at"]
 
     def save_model(self, request: HttpRequest, obj: Grant, form: Any, change: bool) -> None:
-        # Saved by the form rather than services.grant_create: the admin goes on with this very
-        # object (history, redirect), and the service has no way to record the source address.
-        # The change view's transaction covers the save and its audit event together.
-        if change and not form.changed_data:
-            super().save_model(request, obj, form, change)
-            return
-        previous = str(Grant.objects.get(pk=obj.pk)) if change else None
-        super().save_model(request, obj, form, change)
-        detail: dict[str, Any] = {"grant": str(obj), "grant_id": obj.pk}
-        if change:
-            detail.update(previous=previous, changed=list(form.changed_data))
-        audit(
-            action="grant",
-            outcome="changed" if change else "created",
-            user=request.user,
-            source=_source(request),
-            **detail,
-        )
+        services.grant_save(actor=request.user, grant=obj, source=_source(request))
 
     def delete_model(self, request: HttpRequest, obj: Grant) -> None:
-        services.grant_revoke(
-            actor=request.user, grants=[obj], source=request.META.get("REMOTE_ADDR")
-        )
+        services.grant_revoke(actor=request.user, grants=[obj], source=_source(request))
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Grant]) -> None:
         # The "delete selected" action runs outside the admin's transaction: all or none.
         with transaction.atomic(using=queryset.db):
-            services.grant_revoke(
-                actor=request.user, grants=queryset, source=request.META.get("REMOTE_ADDR")
-            )
+            services.grant_revoke(actor=request.user, grants=queryset, source=_source(request))
 
 
 # --- the audit trail -------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The only module that knows Incus and pylxd.
 
-How a push is delivered through the local unix socket (see shared/INCUS-NOTES.md; the facts
-marked "measured" were measured on Incus 6.0.4 here):
+How a push is delivered through the local unix socket (the facts marked "measured" were
+measured on Incus 6.0.4):
 - Over Incus's SFTP endpoint: `GET /1.0/instances/{name}/sftp?project=P` with `Upgrade: sftp`
   answers 101, then raw SFTP v3 runs on the connection (uploads.sftp does the transport).
 - The data goes to a temporary sibling `.<name>.uploadsvc-<random>.tmp` in pipelined 128 KiB

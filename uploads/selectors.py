@@ -1,14 +1,15 @@
 """Reads: which tasks a user may see, and how the queue stands."""
 
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from fnmatch import fnmatchcase
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 from django.contrib.auth.models import User
-from django.db.models import Count, Min, Q, QuerySet
+from django.db.models import Count, F, Min, Q, QuerySet
 
 from uploads import spool
 from uploads.grants import describe_owners, normal_prefix, owners_allow, path_below
@@ -95,17 +96,80 @@ def is_glob(name: str) -> bool:
     return not GLOB_CHARACTERS.isdisjoint(name)
 
 
-def unneeded_bodies(names: list[str]) -> list[str]:
+def unneeded_bodies(names: list[str], *, leaving: Q | None = None) -> list[str]:
     """The spool names no task may still need: every task using it succeeded, or none is left.
-    Failed and cancelled tasks keep theirs, since they can be retried."""
+    Failed and cancelled tasks keep theirs, since they can be retried. Tasks that match
+    `leaving` count as gone already (a purge about to delete them)."""
     if not names:
         return []
-    needed = set(
-        UploadTask.objects.filter(spool_name__in=names)
-        .exclude(status=Status.SUCCEEDED)
-        .values_list("spool_name", flat=True)
-    )
+    using = UploadTask.objects.filter(spool_name__in=names).exclude(status=Status.SUCCEEDED)
+    if leaving is not None:
+        using = using.exclude(leaving)
+    needed = set(using.values_list("spool_name", flat=True))
     return [name for name in names if name not in needed]
+
+
+# --- housekeeping --------------------------------------------------------------------------
+
+
+def purgeable(*, succeeded_before: datetime, failed_before: datetime) -> Q:
+    """The finished tasks a purge deletes: succeeded ones that finished before
+    `succeeded_before`, failed and cancelled ones before `failed_before`."""
+    return Q(status=Status.SUCCEEDED, finished_at__lt=succeeded_before) | Q(
+        status__in=[Status.FAILED, Status.CANCELLED], finished_at__lt=failed_before
+    )
+
+
+class PurgeableTask(NamedTuple):
+    id: uuid.UUID
+    status: str
+    finished_at: datetime | None
+    project: str
+    instance: str
+    path: str
+
+
+@dataclass(frozen=True)
+class PurgePlan:
+    """What a purge would delete: tasks, oldest first, and spool file names."""
+
+    tasks: list[PurgeableTask]
+    spool_names: list[str]
+
+
+def purge_plan(
+    *,
+    succeeded_before: datetime,
+    failed_before: datetime,
+    orphans_before: datetime | None = None,
+    batch_size: int = 500,
+) -> PurgePlan:
+    """What `services.purge_finished` with the same arguments would delete now, deleting
+    nothing: the purgeable tasks, and the spool files that no task left after them may need
+    (theirs, and with `orphans_before` the files last modified before it that no task
+    references)."""
+    old = purgeable(succeeded_before=succeeded_before, failed_before=failed_before)
+    tasks: list[PurgeableTask] = []
+    names: dict[str, None] = {}
+    rows = (
+        UploadTask.objects.filter(old)
+        .order_by("finished_at", "pk")
+        .values_list("pk", "status", "finished_at", "project", "instance", "path", "spool_name")
+    )
+    for pk, status, finished_at, project, instance, path, name in rows.iterator(batch_size):
+        tasks.append(PurgeableTask(pk, status, finished_at, project, instance, path))
+        if name:
+            names[name] = None
+    if orphans_before is not None:
+        names.update(dict.fromkeys(spool.names(modified_before=orphans_before.timestamp())))
+    candidates = list(names)
+    spool_names = [
+        name
+        for start in range(0, len(candidates), batch_size)
+        for name in unneeded_bodies(candidates[start : start + batch_size], leaving=old)
+        if spool.exists(name)
+    ]
+    return PurgePlan(tasks=tasks, spool_names=spool_names)
 
 
 def pending_count() -> int:
@@ -194,6 +258,24 @@ class OwnerGrants:
 def user_grants(*, user: Any) -> QuerySet[Grant]:
     """The grants a user holds, directly or through a group (one row per way it is held)."""
     return Grant.objects.filter(Q(user=user) | Q(group__user=user))
+
+
+def grant_list(*, user: Any = None, group: Any = None) -> QuerySet[Grant]:
+    """Every grant, or those a user holds (directly or through a group), or a group's: users'
+    grants first, then groups', each by name, remote, project and instance glob."""
+    grants = Grant.objects.select_related("user", "group")
+    if user is not None:
+        grants = grants.filter(Q(user=user) | Q(group__user=user))
+    elif group is not None:
+        grants = grants.filter(group=group)
+    return grants.order_by(
+        F("user__username").asc(nulls_last=True),
+        F("group__name").asc(nulls_last=True),
+        "remote",
+        "project",
+        "instance_glob",
+        "pk",
+    )
 
 
 def owner_grants(owner_ids: Iterable[int]) -> dict[int, OwnerGrants]:

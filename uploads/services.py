@@ -13,14 +13,14 @@ from typing import Any
 
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q
+from django.db.models import F
 from django.db.models.functions import Greatest, Now
 
 from uploads import queue, spool
 from uploads.access import StaleAccess
 from uploads.audit import audit
 from uploads.conf import uploads_settings
-from uploads.grants import parse_owner
+from uploads.grants import normal_prefix, parse_owner
 from uploads.models import (
     Grant,
     Status,
@@ -34,6 +34,7 @@ from uploads.selectors import (
     check_grants,
     count_pending_upload,
     is_glob,
+    purgeable,
     task_by_idempotency_key,
     task_permission,
     unneeded_bodies,
@@ -448,12 +449,11 @@ def purge_finished(
     `failed_before`. Each batch is locked while it is deleted: a retry that comes first keeps
     its task (and its file); one that comes after finds the task gone. With `orphans_before`,
     spool files last modified before it that no task may still need go too (left by a crash
-    between spooling and queueing, or after a success).
+    between spooling and queueing, or after a success). `selectors.purge_plan` says what this
+    would delete, deleting nothing.
     """
     deleted_tasks = deleted_files = 0
-    old = Q(status=Status.SUCCEEDED, finished_at__lt=succeeded_before) | Q(
-        status__in=[Status.FAILED, Status.CANCELLED], finished_at__lt=failed_before
-    )
+    old = purgeable(succeeded_before=succeeded_before, failed_before=failed_before)
     while True:
         with transaction.atomic():
             batch = list(
@@ -484,9 +484,22 @@ def purge_finished(
 # --- grants --------------------------------------------------------------------------------
 
 
+GRANT_FIELDS = (
+    "user",
+    "group",
+    "remote",
+    "project",
+    "instance_glob",
+    "path_prefixes",
+    "owners",
+    "max_size",
+)
+
+
 def grant_create(
     *,
     actor: Any,
+    source: str | None = None,
     user: Any = None,
     group: Any = None,
     instance_glob: str,
@@ -496,17 +509,63 @@ def grant_create(
     max_size: int | None = None,
     owners: list[str] | None = None,
 ) -> Grant:
-    grant = Grant.objects.create(
-        user=user,
-        group=group,
-        instance_glob=instance_glob,
-        project=project,
-        remote=remote,
-        path_prefixes=["/" + p.strip("/") for p in path_prefixes or []],
-        max_size=max_size,
-        owners=sorted({parse_owner(owner) for owner in owners or []}),
+    return grant_save(
+        actor=actor,
+        source=source,
+        grant=Grant(
+            user=user,
+            group=group,
+            instance_glob=instance_glob,
+            project=project,
+            remote=remote,
+            path_prefixes=list(path_prefixes or []),
+            max_size=max_size,
+            owners=list(owners or []),
+        ),
     )
-    audit(action="grant", outcome="created", user=actor, grant=str(grant), grant_id=grant.pk)
+
+
+def grant_save(*, actor: Any, grant: Grant, source: str | None = None) -> Grant:
+    """Save a new grant, or the changes made to an existing one, and audit it: `created`, or
+    `changed` with what it was and which fields changed. Directories and owners are normalised
+    as the grant check compares them. An unchanged grant is not saved again and leaves no event.
+
+    It takes the object itself so that the admin goes on with the one it saved.
+    """
+    grant.path_prefixes = list(dict.fromkeys(normal_prefix(p) for p in grant.path_prefixes))
+    grant.owners = sorted({parse_owner(owner) for owner in grant.owners})
+    with transaction.atomic():
+        if grant.pk is None:
+            grant.save()
+            audit(
+                action="grant",
+                outcome="created",
+                user=actor,
+                source=source,
+                grant=str(grant),
+                grant_id=grant.pk,
+            )
+            return grant
+        previous = Grant.objects.select_for_update().get(pk=grant.pk)
+        attnames = {field.name: field.attname for field in Grant._meta.concrete_fields}
+        changed = [
+            name
+            for name in GRANT_FIELDS
+            if getattr(previous, attnames[name]) != getattr(grant, attnames[name])
+        ]
+        if not changed:
+            return grant
+        grant.save(update_fields=changed)
+        audit(
+            action="grant",
+            outcome="changed",
+            user=actor,
+            source=source,
+            grant=str(grant),
+            grant_id=grant.pk,
+            previous=str(previous),
+            changed=changed,
+        )
     return grant
 
 

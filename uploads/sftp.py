@@ -2,7 +2,7 @@
 
 A transport helper for `uploads.incus`, its only user, and free of Incus specifics: it performs
 the upgrade on a connected socket, then hands paramiko's `SFTPClient` a socket-like object. Any
-stream socket works (a unix socket today; a TLS-wrapped TCP socket for remotes later).
+stream socket works: a unix socket for the local daemon, a TLS-wrapped TCP socket for remotes.
 
 paramiko drives the object through `send`, `recv`, `recv_ready`, `settimeout`, `get_name` and
 `close`. Every transport failure (reset, refused write, timeout, end of stream) surfaces as

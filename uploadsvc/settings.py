@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = BASE_DIR / "var"
@@ -20,14 +21,38 @@ if (BASE_DIR / ".env").exists():
 
 # Where `make` keeps the secret key it generates for a local run (private to the service's user).
 LOCAL_SECRET_KEY_FILE = VAR_DIR / "secret-key"
+LOCAL_HOSTS = ["localhost", "127.0.0.1", "[::1]"]
 
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
-if DEBUG:
-    SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="insecure-debug-only-key")  # noqa: S105
-else:
-    SECRET_KEY = env.str("DJANGO_SECRET_KEY")
-ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=LOCAL_HOSTS)
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+
+# Production: served over HTTPS, or to a host other than this machine. It needs a secret key of
+# its own; anywhere else (`make run`, manage.py in a second terminal) the one `make` wrote does.
+PRODUCTION = env.bool("DJANGO_HTTPS", default=False) or not set(ALLOWED_HOSTS) <= set(LOCAL_HOSTS)
+
+
+def _secret_key() -> str:
+    key: str = env.str("DJANGO_SECRET_KEY", default="")
+    if key:
+        return key
+    if PRODUCTION:
+        raise ImproperlyConfigured(
+            "Set DJANGO_SECRET_KEY (50+ random characters): in production (DJANGO_HTTPS=true, "
+            "or DJANGO_ALLOWED_HOSTS naming a host other than localhost) the key `make` writes "
+            "for local runs is not used."
+        )
+    if LOCAL_SECRET_KEY_FILE.is_file() and (key := LOCAL_SECRET_KEY_FILE.read_text().strip()):
+        return key
+    if DEBUG:
+        return "insecure-debug-only-key"
+    raise ImproperlyConfigured(
+        f"Set DJANGO_SECRET_KEY, or run `make` once: it writes a local key to "
+        f"{LOCAL_SECRET_KEY_FILE}, used when the variable is unset."
+    )
+
+
+SECRET_KEY = _secret_key()
 
 INSTALLED_APPS = [
     "django.contrib.admin",
