@@ -106,6 +106,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # timeout waits for it instead of failing with "database is locked". synchronous=FULL
     # syncs the WAL at every commit: a 202'd upload survives a power cut (NORMAL may lose the
     # last commits).
+    # One writing transaction per process at a time (uploadsvc/sqlite3/base.py).
+    DATABASES["default"]["ENGINE"] = "uploadsvc.sqlite3"
     DATABASES["default"]["OPTIONS"] = {
         "transaction_mode": "IMMEDIATE",
         "timeout": 30,
