@@ -12,6 +12,7 @@ to `<uuid>` only once complete, so a finished spool name always names a whole fi
 
 import errno
 import hashlib
+import logging
 import os
 import queue
 import shutil
@@ -33,6 +34,8 @@ from uploads.conf import LocalLocation, uploads_settings
 from uploads.localfiles import PRIVATE_DIR, PRIVATE_FILE, restrict
 
 PART_SUFFIX = ".part"
+
+logger = logging.getLogger(__name__)
 
 
 class SpoolError(Exception):
@@ -382,6 +385,15 @@ def _forget_backend(*, setting: str, **kwargs: Any) -> None:
 def describe() -> str:
     """Where the spool is, for messages: a directory, or a bucket and its endpoint."""
     return str(uploads_settings.spool_location)
+
+
+def log_problem() -> None:
+    """At start: say at once when the spool cannot keep bodies (a missing bucket, bad
+    credentials); for object storage this also sets up the client's connection before the first
+    upload needs it."""
+    found = problem()
+    if found:
+        logger.error("the spool cannot keep uploads: %s", found)
 
 
 def spool_dir() -> Path:
