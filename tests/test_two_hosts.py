@@ -10,6 +10,8 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -280,3 +282,31 @@ def test_a_failed_upload_is_retried_by_a_worker_on_another_host_and_cancel_and_p
     assert "Deleted" in out
     assert s3_spool.leftovers() == []
     assert not UploadTask.objects.filter(pk=cancelled).exists()
+
+
+def test_a_client_that_resets_or_stops_short_mid_body_leaves_nothing_in_the_bucket(
+    hosts: tuple[Host, Host, Host], s3_spool: S3Spool, token: str
+) -> None:
+    a, _, _ = hosts
+    url, _ = a.web()
+    port = int(url.rsplit(":", 1)[1])
+    size = 40 * MIB
+    head = (
+        "POST /api/uploads/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Token {token}\r\nContent-Type: application/octet-stream\r\n"
+        f"X-Container-Name: {RUNNING}\r\nX-File-Path: /tmp/never.bin\r\n"
+        f"Content-Length: {size}\r\n\r\n"
+    ).encode()
+    for reset in (True, False):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(head + os.urandom(size // 2))  # parts are on their way to the bucket
+            wait_for(lambda: s3_spool.incomplete_uploads() != [], 30, "a multipart upload")
+            if reset:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            else:
+                sock.shutdown(socket.SHUT_WR)  # the body ends early: 400 IncompleteBody
+                assert b" 400 " in sock.recv(65536).split(b"\r\n")[0]
+        wait_for(
+            lambda: s3_spool.leftovers() == [], 30, "the upload to be aborted", a.log("web.log")
+        )
+    assert UploadTask.objects.count() == 0
