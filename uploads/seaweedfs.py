@@ -199,6 +199,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8333, help="the S3 API's port (8333)")
     options = parser.parse_args()
     server = start(options.directory.resolve(), bucket=options.bucket, s3_port=options.port)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Ctrl-C, and SIGTERM too (a service manager, `kill`): stop the server with this process.
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     print("SeaweedFS is running; set these for uploadsvc (Ctrl-C stops it):")  # noqa: T201
     for name, value in server.environment().items():
         print(f"export {name}={value}")  # noqa: T201
