@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 SECRET := var/secret-key
 
-.PHONY: run test faults lint format incus bench clean $(SECRET)
+.PHONY: run web workers test faults lint format incus bench clean $(SECRET)
 
 # A local secret key, made once and readable by you alone: outside production the settings use
 # it when DJANGO_SECRET_KEY is unset, so the service (and manage.py in any terminal) runs with
@@ -25,6 +25,16 @@ run: $(STAMP) $(SECRET)
 	$(BIN)/python manage.py migrate --noinput
 	mkdir -p var/static
 	scripts/run
+
+# One role each, for a host of each kind (see the README's "Two hosts"): the web server alone
+# (it migrates the shared database first), or the push workers alone.
+web: $(STAMP) $(SECRET)
+	$(BIN)/python manage.py migrate --noinput
+	mkdir -p var/static
+	scripts/run web
+
+workers: $(STAMP) $(SECRET)
+	scripts/run workers
 
 test: $(STAMP) $(SECRET)
 	$(BIN)/ruff check .

@@ -145,6 +145,7 @@ def prepare(ctx: Context, *, want_go: bool, no_go: bool, needs_incus: bool) -> N
 
 
 def cleanup(ctx: Context) -> None:
+    ctx.stop_object_store()
     if "incus" not in ctx.missing:
         try:
             in_container("rm", "-rf", ctx.container_dir, timeout=300)

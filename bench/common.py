@@ -706,6 +706,38 @@ class Context:
     go_version: str = ""
     checks: list[Check] = field(default_factory=list)
     profiles: list[dict[str, Any]] = field(default_factory=list)
+    # SeaweedFS for the object-store variants, started the first time one runs.
+    object_store: Any = None
+
+    def object_store_env(self, tag: str) -> dict[str, str]:
+        """The environment that puts the spool on the run's object store, under a prefix of
+        its own (`uploads.seaweedfs` starts it, as the tests' fixture does)."""
+        if self.object_store is None:
+            from uploads import seaweedfs
+
+            log("starting SeaweedFS (S3) for the object-store variants")
+            self.object_store = seaweedfs.start(self.workdir / "seaweedfs")
+        env: dict[str, str] = self.object_store.environment(f"bench-{tag}")
+        return env
+
+    def empty_object_store(self, tag: str) -> int:
+        """Delete what the prefix holds (objects and incomplete uploads); how many objects."""
+        client = self.object_store.client()
+        bucket, prefix = self.object_store.bucket, f"bench-{tag}/"
+        found = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+        for entry in found:
+            client.delete_object(Bucket=bucket, Key=entry["Key"])
+        uploads = client.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])
+        for upload in uploads:
+            client.abort_multipart_upload(
+                Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+            )
+        return len(found)
+
+    def stop_object_store(self) -> None:
+        if self.object_store is not None:
+            self.object_store.stop()
+            self.object_store = None
 
     @property
     def container_dir(self) -> str:

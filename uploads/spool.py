@@ -2,13 +2,17 @@
 is here -- write while receiving, open for reading, exists, remove, list for purge, health,
 permissions -- so that nothing else knows where or how bodies are kept.
 
-Files are written as `<uuid>.part`, hashed and counted on the way, and renamed to `<uuid>` only
-once complete, so a finished spool name always names a whole file. Names never come from client
-input.
+Two backends sit behind one `Store` interface, chosen by UPLOADS['SPOOL_URL']: a directory of
+this host (`LocalStore`, the default) and S3-compatible object storage (`uploads.objectstore`),
+which lets web servers and workers run on different hosts. Names never come from client input.
+
+In the directory, files are written as `<uuid>.part`, hashed and counted on the way, and renamed
+to `<uuid>` only once complete, so a finished spool name always names a whole file.
 """
 
 import errno
 import hashlib
+import logging
 import os
 import queue
 import shutil
@@ -18,16 +22,20 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, Protocol
 
 from django.core.files.uploadedfile import UploadedFile
 from django.core.files.uploadhandler import FileUploadHandler
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 from django.http import HttpRequest
 
-from uploads.conf import uploads_settings
+from uploads.conf import LocalLocation, uploads_settings
 from uploads.localfiles import PRIVATE_DIR, PRIVATE_FILE, restrict
 
 PART_SUFFIX = ".part"
+
+logger = logging.getLogger(__name__)
 
 
 class SpoolError(Exception):
@@ -46,6 +54,11 @@ class TruncatedBody(SpoolError):
     pass
 
 
+class SpoolUnavailable(SpoolError, OSError):
+    """The store cannot be reached or refuses us (not for space): try again later. An OSError,
+    as a failing disk would raise, so a read that fails mid-push is a transient push error."""
+
+
 class BodyMissing(Exception):
     """No body is kept under this name (any more)."""
 
@@ -61,98 +74,48 @@ class SpooledFile:
     data: bytes | None = None
 
 
-_made: set[Path] = set()
+class Writer(Protocol):
+    """Receives one body: `write()` as it arrives, then `commit()` once it is whole. Leaving its
+    `with` block without a commit (an exception, a short body) leaves nothing behind."""
+
+    name: str
+    size: int
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def commit(self) -> SpooledFile: ...
+
+    def abort(self) -> None: ...
+
+    def __enter__(self) -> "Writer": ...
+
+    def __exit__(self, *exc_info: object) -> None: ...
 
 
-def spool_dir() -> Path:
-    """The spool directory, made (private) the first time this process needs it."""
-    path = uploads_settings.spool_dir
-    if path not in _made:
-        path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
-        _made.add(path)
-    return path
+class Store(Protocol):
+    """Where bodies are kept. Errors: SpoolFull (no room), SpoolUnavailable (out of reach),
+    BodyMissing (no such body)."""
+
+    location: Any
+
+    def writer(self) -> Writer: ...
+
+    def open(self, name: str) -> BinaryIO: ...
+
+    def exists(self, name: str) -> bool: ...
+
+    def remove(self, name: str) -> bool: ...
+
+    def names(self, *, modified_before: float) -> Iterator[str]: ...
+
+    def problem(self) -> str | None: ...
+
+    def has_room_for(self, size: int) -> bool: ...
+
+    def make_private(self) -> list[Path]: ...
 
 
-def spool_path(name: str) -> Path:
-    return uploads_settings.spool_dir / name
-
-
-def has_room_for(size: int) -> bool:
-    free = shutil.disk_usage(spool_dir()).free
-    return free >= size + uploads_settings.SPOOL_RESERVE_BYTES
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def open_body(name: str) -> BinaryIO:
-    """The kept body, for reading from the start; BodyMissing when there is none."""
-    try:
-        return open(spool_path(name), "rb", buffering=0)
-    except FileNotFoundError as exc:
-        raise BodyMissing(name) from exc
-
-
-def names(*, modified_before: float) -> Iterator[str]:
-    """Every name the spool holds (partial files too) not modified since `modified_before` (a
-    timestamp), for purging what no task references."""
-    with os.scandir(spool_dir()) as entries:
-        for entry in entries:
-            try:
-                modified = entry.stat(follow_symlinks=False).st_mtime
-            except FileNotFoundError:
-                continue  # removed meanwhile
-            if modified < modified_before:
-                yield entry.name.removesuffix(PART_SUFFIX)
-
-
-def problem() -> str | None:
-    """Why new bodies cannot be kept right now, or None."""
-    try:
-        with tempfile.NamedTemporaryFile(dir=spool_dir(), prefix=".healthz-"):
-            pass
-    except OSError as exc:
-        return f"not writable: {exc.strerror}"
-    if not has_room_for(0):
-        return "full"
-    return None
-
-
-def make_private() -> list[Path]:
-    """Restrict the spool and what it holds to the service's user; what changed."""
-    directory = uploads_settings.spool_dir
-    changed = [directory] if restrict(directory, PRIVATE_DIR) else []
-    if directory.is_dir():
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                path = Path(entry.path)
-                if entry.is_file(follow_symlinks=False) and restrict(path, PRIVATE_FILE):
-                    changed.append(path)
-    return changed
-
-
-def remove(name: str) -> bool:
-    """Delete a spool file and any partial file of the same name; True when it existed."""
-    if not name:
-        return False  # a body kept in its task's row
-    spool_path(name + PART_SUFFIX).unlink(missing_ok=True)
-    try:
-        os.unlink(spool_path(name))
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def exists(name: str) -> bool:
-    return spool_path(name).is_file()
-
-
-class _Sha256:
+class Sha256:
     """SHA-256 of a body, computed on a helper thread once the body is large.
 
     hashlib releases the GIL on large buffers, so the helper hashes one chunk while the
@@ -242,20 +205,28 @@ class _Flusher:
             self._thread = None
 
 
-class SpoolWriter:
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalWriter:
     """Writes one upload to `<spool>/<uuid>.part`; `commit()` renames it to its final name.
 
     Used as a context manager: leaving the block without `commit()` (an exception, a short
     body) deletes the partial file.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, directory: Path) -> None:
         self.name = uuid.uuid4().hex
-        self._part = spool_dir() / f"{self.name}{PART_SUFFIX}"
+        self._part = directory / f"{self.name}{PART_SUFFIX}"
         # Users' files: readable by the service's user only.
         fd = os.open(self._part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
         self._file: IO[bytes] | None = os.fdopen(fd, "wb")
-        self._hash = _Sha256()
+        self._hash = Sha256()
         self._flusher = _Flusher(fd)
         self.size = 0
         self._committed = False
@@ -289,7 +260,7 @@ class SpoolWriter:
             raise
         file.close()
         self._file = None
-        os.replace(self._part, spool_path(self.name))
+        os.replace(self._part, self._part.with_name(self.name))
         self._committed = True
         # The rename is durable only once the directory is: a 202 must survive a power cut.
         _fsync_directory(self._part.parent)
@@ -304,11 +275,177 @@ class SpoolWriter:
         if not self._committed:
             self._part.unlink(missing_ok=True)
 
-    def __enter__(self) -> "SpoolWriter":
+    def __enter__(self) -> "LocalWriter":
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.abort()
+
+
+class LocalStore:
+    """The spool as a directory of this host: today's default, and the fastest."""
+
+    def __init__(self, location: LocalLocation) -> None:
+        self.location = location
+        self._directory = location.directory
+        self._made = False
+
+    def directory(self) -> Path:
+        """The spool directory, made (private) the first time this process needs it."""
+        if not self._made:
+            self._directory.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+            self._made = True
+        return self._directory
+
+    def writer(self) -> LocalWriter:
+        return LocalWriter(self.directory())
+
+    def has_room_for(self, size: int) -> bool:
+        free = shutil.disk_usage(self.directory()).free
+        return free >= size + uploads_settings.SPOOL_RESERVE_BYTES
+
+    def open(self, name: str) -> BinaryIO:
+        try:
+            return open(self._directory / name, "rb", buffering=0)
+        except FileNotFoundError as exc:
+            raise BodyMissing(name) from exc
+
+    def names(self, *, modified_before: float) -> Iterator[str]:
+        with os.scandir(self.directory()) as entries:
+            for entry in entries:
+                try:
+                    modified = entry.stat(follow_symlinks=False).st_mtime
+                except FileNotFoundError:
+                    continue  # removed meanwhile
+                if modified < modified_before:
+                    yield entry.name.removesuffix(PART_SUFFIX)
+
+    def problem(self) -> str | None:
+        try:
+            with tempfile.NamedTemporaryFile(dir=self.directory(), prefix=".healthz-"):
+                pass
+        except OSError as exc:
+            return f"not writable: {exc.strerror}"
+        if not self.has_room_for(0):
+            return "full"
+        return None
+
+    def make_private(self) -> list[Path]:
+        directory = self._directory
+        changed = [directory] if restrict(directory, PRIVATE_DIR) else []
+        if directory.is_dir():
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    path = Path(entry.path)
+                    if entry.is_file(follow_symlinks=False) and restrict(path, PRIVATE_FILE):
+                        changed.append(path)
+        return changed
+
+    def remove(self, name: str) -> bool:
+        (self._directory / (name + PART_SUFFIX)).unlink(missing_ok=True)
+        try:
+            os.unlink(self._directory / name)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def exists(self, name: str) -> bool:
+        return (self._directory / name).is_file()
+
+
+_backend: Store | None = None
+_backend_lock = threading.Lock()
+
+
+def backend() -> Store:
+    """The configured store, built once per process (and again when the settings change)."""
+    global _backend
+    found = _backend
+    if found is not None:
+        return found
+    with _backend_lock:
+        if _backend is None:
+            location = uploads_settings.spool_location
+            if isinstance(location, LocalLocation):
+                _backend = LocalStore(location)
+            else:
+                from uploads.objectstore import S3Store  # boto3 only where it is used
+
+                _backend = S3Store(location)
+        return _backend
+
+
+@receiver(setting_changed)
+def _forget_backend(*, setting: str, **kwargs: Any) -> None:
+    global _backend
+    if setting in ("UPLOADS", "BASE_DIR") or setting.startswith("AWS_"):
+        _backend = None
+
+
+def describe() -> str:
+    """Where the spool is, for messages: a directory, or a bucket and its endpoint."""
+    return str(uploads_settings.spool_location)
+
+
+def log_problem() -> None:
+    """At start: say at once when the spool cannot keep bodies (a missing bucket, bad
+    credentials); for object storage this also sets up the client's connection before the first
+    upload needs it."""
+    found = problem()
+    if found:
+        logger.error("the spool cannot keep uploads: %s", found)
+
+
+def spool_dir() -> Path:
+    """The local spool directory (made when missing); ValueError when the spool is elsewhere."""
+    store = backend()
+    if not isinstance(store, LocalStore):
+        raise ValueError(f"the spool is not a local directory: {store.location}")
+    return store.directory()
+
+
+def has_room_for(size: int) -> bool:
+    """Whether a body of `size` bytes fits (object storage: it is not ours to know)."""
+    return backend().has_room_for(size)
+
+
+def open_body(name: str) -> BinaryIO:
+    """The kept body, for reading from the start; BodyMissing when there is none,
+    SpoolUnavailable when the store cannot be reached."""
+    return backend().open(name)
+
+
+def names(*, modified_before: float) -> Iterator[str]:
+    """Every name the spool holds (partial bodies too) not modified since `modified_before` (a
+    timestamp), for purging what no task references."""
+    return backend().names(modified_before=modified_before)
+
+
+def problem() -> str | None:
+    """Why new bodies cannot be kept right now, or None."""
+    return backend().problem()
+
+
+def make_private() -> list[Path]:
+    """Restrict the spool and what it holds to the service's user; what changed."""
+    return backend().make_private()
+
+
+def remove(name: str) -> bool:
+    """Delete a body and any partial body of the same name; True when it existed. Never raises
+    for a store out of reach: purge's orphan sweep deletes it later."""
+    if not name:
+        return False  # a body kept in its task's row
+    return backend().remove(name)
+
+
+def exists(name: str) -> bool:
+    return backend().exists(name)
+
+
+def SpoolWriter() -> Writer:  # noqa: N802 -- used as the class it was: `with SpoolWriter() as w`
+    """A writer for one new body in the configured store."""
+    return backend().writer()
 
 
 def read_small(read: Callable[[int], bytes], *, expected: int) -> SpooledFile:
@@ -401,7 +538,7 @@ class SpoolUploadHandler(FileUploadHandler):
     def __init__(self, request: HttpRequest | None = None) -> None:
         super().__init__(request)
         self.chunk_size = uploads_settings.CHUNK_SIZE
-        self._writer: SpoolWriter | None = None
+        self._writer: Writer | None = None
 
     def _names(self) -> list[str]:
         names: list[str] = getattr(self.request, "spool_names", [])
@@ -416,7 +553,7 @@ class SpoolUploadHandler(FileUploadHandler):
         self._writer = SpoolWriter()
         self._names().append(self._writer.name)
 
-    def _current(self) -> SpoolWriter:
+    def _current(self) -> Writer:
         if self._writer is None:
             raise ValueError("no file part is open")
         return self._writer

@@ -44,6 +44,7 @@ from uploads.pushers import (
     Pusher,
     PushError,
     PushRequest,
+    TransientPushError,
     build_pusher,
 )
 from uploads.queue import Claim, Completion, Result
@@ -58,11 +59,29 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def _body_missing() -> PermanentPushError:
+    return PermanentPushError(
+        f"the uploaded body is no longer in the spool ({spool.describe()}); upload it again"
+    )
+
+
 def _open_body(name: str) -> BinaryIO:
     try:
         return spool.open_body(name)
     except spool.BodyMissing as exc:
-        raise PermanentPushError("the spooled file is missing on this server") from exc
+        raise _body_missing() from exc
+    except spool.SpoolUnavailable as exc:
+        raise TransientPushError(str(exc)) from exc
+
+
+def _check_body(name: str) -> None:
+    """Before connecting to the instance: a body gone for good fails the push at once."""
+    try:
+        found = spool.exists(name)
+    except spool.SpoolUnavailable as exc:
+        raise TransientPushError(str(exc)) from exc
+    if not found:
+        raise _body_missing()
 
 
 @dataclass(frozen=True)
@@ -360,8 +379,8 @@ class Worker:
 
     def _push(self, pusher: Pusher, claim: Claim, request: PushRequest) -> Completion:
         try:
-            if claim.task.body is None and not spool.exists(claim.task.spool_name):
-                raise PermanentPushError("the spooled file is missing on this server")
+            if claim.task.body is None:
+                _check_body(claim.task.spool_name)
             pusher.push(request)
         except NotHeld as exc:
             return Completion(claim, Result.RELEASED, exc.message)

@@ -187,6 +187,14 @@ UPLOADS: dict[str, Any] = {
     if name.startswith("UPLOADS_")
 }
 
+# Object storage for the spool, when UPLOADS_SPOOL_URL is s3://BUCKET/PREFIX (the names
+# django-storages uses). Unset keys leave boto3 to find credentials itself (its own variables,
+# ~/.aws, an instance role).
+AWS_S3_ENDPOINT_URL = env.str("AWS_S3_ENDPOINT_URL", default=None)
+AWS_ACCESS_KEY_ID = env.str("AWS_ACCESS_KEY_ID", default=None)
+AWS_SECRET_ACCESS_KEY = env.str("AWS_SECRET_ACCESS_KEY", default=None)
+AWS_S3_REGION_NAME = env.str("AWS_S3_REGION_NAME", default="us-east-1")
+
 # Behind HTTPS (set DJANGO_HTTPS=true in production): secure cookies, redirects and HSTS.
 if env.bool("DJANGO_HTTPS", default=False):
     SECURE_SSL_REDIRECT = env.bool("DJANGO_SSL_REDIRECT", default=True)

@@ -8,6 +8,7 @@ from django.core.wsgi import get_wsgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "uploadsvc.settings")
 
+from uploads import spool  # noqa: E402
 from uploads.localfiles import UMASK, make_private  # noqa: E402
 from uploads.wsgi import (  # noqa: E402
     BodyCountingMiddleware,
@@ -20,3 +21,4 @@ application = ProcessEnvironMiddleware(
     BodyDeadlineMiddleware(BodyCountingMiddleware(get_wsgi_application()))
 )
 make_private()
+spool.log_problem()
