@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.test import Client
 from django.utils import timezone
 from rest_framework.test import APIClient
@@ -19,7 +19,7 @@ from tests.conftest import S3Spool
 from tests.factories import make_task
 from tests.test_api import INLINE_MAX, form_upload, raw_upload
 from uploads import services, spool
-from uploads.checks import check_uploads_settings
+from uploads.checks import check_spool_reachable, check_uploads_settings
 from uploads.models import Status, UploadTask
 from uploads.objectstore import PART_SIZE
 from uploads.pushers import NullPusher, PushRequest
@@ -223,22 +223,27 @@ def test_purge_command_deletes_a_purged_tasks_object(user: Any, s3_spool: S3Spoo
 def test_healthz_and_the_start_up_check_name_a_missing_bucket_or_bad_credentials(
     s3_spool: S3Spool, settings: Any
 ) -> None:
+    """/healthz, `check --deploy` and the workers' start say what is wrong with the bucket;
+    commands that never touch the spool (migrate's checks) do not ask it."""
     assert Client().get("/healthz").status_code == 200
-    assert [e.id for e in check_uploads_settings()] == []
+    assert check_spool_reachable() == []
     settings.UPLOADS = {**settings.UPLOADS, "SPOOL_URL": "s3://no-such-bucket/spool"}
     answer = Client().get("/healthz")
     assert answer.status_code == 503
     assert "s3://no-such-bucket/spool" in answer.json()["checks"]["spool"]
     assert "bucket does not exist" in answer.json()["checks"]["spool"]
-    errors = check_uploads_settings()
+    errors = check_spool_reachable()
     assert [e.id for e in errors] == ["uploads.E011"]
     assert "no-such-bucket" in errors[0].msg
+    assert check_uploads_settings() == []
+    with pytest.raises(CommandError, match="no-such-bucket.*bucket does not exist.*E011"):
+        call_command("run_push_workers", "--burst")
     settings.UPLOADS = {**settings.UPLOADS, "SPOOL_URL": f"s3://{s3_spool.bucket}/spool"}
     settings.AWS_SECRET_ACCESS_KEY = "wrong"
     answer = Client().get("/healthz")
     assert answer.status_code == 503
     assert "access denied" in answer.json()["checks"]["spool"]
-    assert [e.id for e in check_uploads_settings()] == ["uploads.E011"]
+    assert [e.id for e in check_spool_reachable()] == ["uploads.E011"]
 
 
 def test_a_spool_url_that_is_neither_a_path_nor_s3_is_reported(

@@ -1,6 +1,11 @@
 """System checks: catch a misconfiguration at start-up, not at the first upload -- the spool
 (a directory, or a bucket that must exist and accept the credentials), the pusher, the UPLOADS
-values, and what the upload path relies on from the project's settings."""
+values, and what the upload path relies on from the project's settings.
+
+Whether the bucket answers is asked only where it matters: `check --deploy`, and
+`run_push_workers` at start (the web server says it in its log and on /healthz). Commands that
+never touch the spool (`migrate`, `createsuperuser`, `grant_container`) work while it is out of
+reach."""
 
 import os
 from typing import Any
@@ -51,20 +56,7 @@ def _check_spool() -> list[CheckMessage]:
     except ValueError as exc:
         return [Error(str(exc), id="uploads.E010")]
     if isinstance(location, S3Location):
-        # A missing bucket, bad credentials or an endpoint out of reach: said at start, not at
-        # the first upload (/healthz says it too, while running).
-        from uploads import spool
-
-        problem = spool.problem()
-        if problem:
-            return [
-                Error(
-                    f"UPLOADS_SPOOL_URL: {problem}",
-                    hint="Check the bucket, AWS_S3_ENDPOINT_URL and the AWS_* credentials.",
-                    id="uploads.E011",
-                )
-            ]
-        return []
+        return []  # reachability: check_spool_reachable
     directory = location.directory
     name = "SPOOL_URL" if uploads_settings.SPOOL_URL else "SPOOL_DIR"
     try:
@@ -74,6 +66,29 @@ def _check_spool() -> list[CheckMessage]:
     if not os.access(directory, os.W_OK):
         return [Error(f"UPLOADS['{name}'] {directory} is not writable", id="uploads.E002")]
     return []
+
+
+@register(deploy=True)
+def check_spool_reachable(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """A bucket that is missing, refuses the credentials or is out of reach."""
+    try:
+        location = uploads_settings.spool_location
+    except ValueError:
+        return []  # uploads.E010
+    if not isinstance(location, S3Location):
+        return []
+    from uploads import spool
+
+    problem = spool.problem()
+    if not problem:
+        return []
+    return [
+        Error(
+            f"UPLOADS_SPOOL_URL: {problem}",
+            hint="Check the bucket, AWS_S3_ENDPOINT_URL and the AWS_* credentials.",
+            id="uploads.E011",
+        )
+    ]
 
 
 @register()

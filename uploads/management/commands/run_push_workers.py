@@ -6,6 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
+from uploads.checks import check_spool_reachable
 from uploads.localfiles import make_private
 from uploads.worker import Worker
 
@@ -46,6 +47,8 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         level = {0: logging.WARNING, 1: logging.INFO}.get(options["verbosity"], logging.DEBUG)
         logging.getLogger("uploads").setLevel(level)
+        for error in check_spool_reachable():
+            raise CommandError(f"{error.msg} ({error.id}). {error.hint}")
         make_private()
         worker = Worker(
             threads=options["threads"],
