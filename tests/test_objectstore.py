@@ -18,7 +18,7 @@ from rest_framework.test import APIClient
 from tests.conftest import S3Spool
 from tests.factories import make_task
 from tests.test_api import INLINE_MAX, form_upload, raw_upload
-from uploads import services, spool
+from uploads import selectors, services, spool
 from uploads.checks import check_spool_reachable, check_uploads_settings
 from uploads.models import Status, UploadTask
 from uploads.objectstore import PART_SIZE
@@ -191,7 +191,7 @@ def test_purge_removes_orphans_and_incomplete_uploads_older_than_the_grace_perio
 ) -> None:
     store = spool.backend()
     live = make_task(user, content=os.urandom(INLINE_MAX + 1))
-    write(b"left by a crash between spooling and queueing" * 2000)
+    orphan = write(b"left by a crash between spooling and queueing" * 2000)
     stale = store.writer()  # a web server killed mid-upload: its multipart upload stays
     stale.write(os.urandom(PART_SIZE))
     time.sleep(2.5)
@@ -201,6 +201,10 @@ def test_purge_removes_orphans_and_incomplete_uploads_older_than_the_grace_perio
     receiving.write(os.urandom(PART_SIZE))
     try:
         assert set(s3_spool.incomplete_uploads()) == {stale.name, receiving.name}
+        plan = selectors.purge_plan(
+            succeeded_before=cutoff, failed_before=cutoff, orphans_before=cutoff
+        )
+        assert sorted(plan.spool_names) == sorted([orphan.name, stale.name])
         result = services.purge_finished(
             succeeded_before=cutoff, failed_before=cutoff, orphans_before=cutoff
         )

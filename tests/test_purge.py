@@ -80,8 +80,10 @@ def test_dry_run_says_what_would_go_and_deletes_nothing(user: Any, spool: Path) 
     age(mid_failed, Status.CANCELLED, 20)
     orphan = spool / ("a" * 32)
     orphan.write_bytes(b"left by a crash")
+    partial = spool / ("b" * 32 + ".part")
+    partial.write_bytes(b"a body whose upload never ended")
     old = time.time() - 3 * 86400
-    for path in (orphan, spool / pending.spool_name):
+    for path in (orphan, partial, spool / pending.spool_name):
         os.utime(path, (old, old))
     tasks_before = set(UploadTask.objects.values_list("pk", flat=True))
     files_before = spool_files(spool)
@@ -92,7 +94,7 @@ def test_dry_run_says_what_would_go_and_deletes_nothing(user: Any, spool: Path) 
     assert set(UploadTask.objects.values_list("pk", flat=True)) == tasks_before
     assert spool_files(spool) == files_before
     assert lines[-1] == (
-        "Would delete 2 upload(s) and 3 spool file(s); nothing was deleted (dry run)."
+        "Would delete 2 upload(s) and 4 spool file(s); nothing was deleted (dry run)."
     )
     # Oldest first; the pending task's old file is needed and stays off the list.
     assert [line.split()[1] for line in lines if line.startswith("upload ")] == [
@@ -100,12 +102,12 @@ def test_dry_run_says_what_would_go_and_deletes_nothing(user: Any, spool: Path) 
         str(old_ok.pk),
     ]
     assert sorted(line.split()[2] for line in lines if line.startswith("spool file ")) == sorted(
-        [old_ok.spool_name, old_failed.spool_name, orphan.name]
+        [old_ok.spool_name, old_failed.spool_name, orphan.name, "b" * 32]
     )
 
     out = StringIO()
     call_command("purge_uploads", stdout=out)
-    assert out.getvalue() == "Deleted 2 upload(s) and 3 spool file(s).\n"
+    assert out.getvalue() == "Deleted 2 upload(s) and 4 spool file(s).\n"
     assert set(spool_files(spool)) == {t.spool_name for t in (new_ok, mid_failed, pending)}
 
 

@@ -160,14 +160,18 @@ def purge_plan(
         tasks.append(PurgeableTask(pk, status, finished_at, project, instance, path))
         if name:
             names[name] = None
+    # Listed by the spool: there now, finished or not (a partial file, an incomplete multipart
+    # upload), unlike a task's name, whose body may be gone already.
+    listed: set[str] = set()
     if orphans_before is not None:
-        names.update(dict.fromkeys(spool.names(modified_before=orphans_before.timestamp())))
+        listed.update(spool.names(modified_before=orphans_before.timestamp()))
+        names.update(dict.fromkeys(listed))
     candidates = list(names)
     spool_names = [
         name
         for start in range(0, len(candidates), batch_size)
         for name in unneeded_bodies(candidates[start : start + batch_size], leaving=old)
-        if spool.exists(name)
+        if name in listed or spool.exists(name)
     ]
     return PurgePlan(tasks=tasks, spool_names=spool_names)
 

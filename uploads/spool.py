@@ -342,12 +342,14 @@ class LocalStore:
         return changed
 
     def remove(self, name: str) -> bool:
-        (self._directory / (name + PART_SUFFIX)).unlink(missing_ok=True)
-        try:
-            os.unlink(self._directory / name)
-        except FileNotFoundError:
-            return False
-        return True
+        removed = False
+        for path in (self._directory / (name + PART_SUFFIX), self._directory / name):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            removed = True
+        return removed
 
     def exists(self, name: str) -> bool:
         return (self._directory / name).is_file()
@@ -432,7 +434,7 @@ def make_private() -> list[Path]:
 
 
 def remove(name: str) -> bool:
-    """Delete a body and any partial body of the same name; True when it existed. Never raises
+    """Delete a body and any partial body of the same name; True when either existed. Never raises
     for a store out of reach: purge's orphan sweep deletes it later."""
     if not name:
         return False  # a body kept in its task's row
