@@ -8,46 +8,11 @@ import pytest
 from django.contrib.auth.models import Permission
 from rest_framework.test import APIClient
 
+from tests.api_utils import INLINE_MAX, URL, assert_nothing_queued, form_upload, raw_upload
 from tests.conftest import spool_files, token_client
-from uploads.conf import DEFAULTS
 from uploads.models import Status, UploadTask
 
-INLINE_MAX = DEFAULTS["INLINE_MAX_BYTES"]
-
-URL = "/api/uploads/"
 pytestmark = pytest.mark.django_db
-
-
-def raw_upload(client: APIClient, body: bytes = b"hello\n", **headers: str) -> Any:
-    meta = {"HTTP_X_CONTAINER_NAME": "web1", "HTTP_X_FILE_PATH": "/srv/app/hello.txt"}
-    for key, value in headers.items():
-        name = key.upper()
-        meta[name if name == "CONTENT_LENGTH" else f"HTTP_{name}"] = value
-    meta = {k: v for k, v in meta.items() if v is not None}
-    return client.generic("POST", URL, body, content_type="application/octet-stream", **meta)
-
-
-def form_upload(
-    client: APIClient,
-    body: bytes | None = b"hello\n",
-    headers: dict[str, str] | None = None,
-    **fields: Any,
-) -> Any:
-    import io
-
-    data: dict[str, Any] = {"container": "web1", "path": "/srv/app/hello.txt"}
-    data.update(fields)
-    data = {k: v for k, v in data.items() if v is not None}
-    if body is not None:
-        upload = io.BytesIO(body)
-        upload.name = "local-name.txt"
-        data["file"] = upload
-    return client.post(URL, data, format="multipart", **(headers or {}))
-
-
-def assert_nothing_queued(spool: Path) -> None:
-    assert UploadTask.objects.count() == 0
-    assert spool_files(spool) == []
 
 
 class TestAccepted:

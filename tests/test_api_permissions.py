@@ -16,9 +16,9 @@ from django.utils import timezone
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from tests.api_utils import assert_nothing_queued, form_upload, raw_upload
 from tests.conftest import Server, spool_files, token_client
 from tests.factories import make_task
-from tests.test_api import assert_nothing_queued, form_upload, raw_upload
 from uploads.models import Grant, Status, UploadTask
 
 pytestmark = pytest.mark.django_db

@@ -15,8 +15,8 @@ from django.utils import timezone
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from tests.api_utils import raw_upload
 from tests.conftest import ROOT, Server, spool_files, subprocess_env, token_client
-from tests.test_api import raw_upload
 from uploads.grants import path_within
 from uploads.models import AuditEvent, Status, UploadTask
 from uploads.pushers import NullPusher
@@ -188,7 +188,7 @@ def test_grant_size_limit_is_413_before_reading(carol_api: APIClient, spool: Pat
 
 
 def test_multipart_upload_is_checked_too(carol_api: APIClient, spool: Path) -> None:
-    from tests.test_api import form_upload
+    from tests.api_utils import form_upload
 
     grant("carol", "web1", "--path-prefix", "/srv/app")
     assert form_upload(carol_api, path="/srv/app/ok").status_code == 202

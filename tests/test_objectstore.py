@@ -15,9 +15,9 @@ from django.test import Client
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from tests.api_utils import INLINE_MAX, form_upload, raw_upload
 from tests.conftest import S3Spool
 from tests.factories import make_task
-from tests.test_api import INLINE_MAX, form_upload, raw_upload
 from uploads import selectors, services, spool
 from uploads.checks import check_spool_reachable, check_uploads_settings
 from uploads.models import Status, UploadTask

@@ -13,9 +13,9 @@ from django.test import Client
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from tests.api_utils import raw_upload
 from tests.conftest import ROOT, Server, spool_files, subprocess_env
 from tests.factories import make_task
-from tests.test_api import raw_upload
 from uploads.models import Status, UploadTask, WorkerHeartbeat
 from uploads.pushers import NullPusher
 from uploads.worker import Worker

@@ -362,7 +362,7 @@ def test_a_wake_up_that_fails_never_fails_the_upload_or_loses_its_file(
     file in place (a 500 would make the client send it again), and a retry must work too.
     SQLite: the wake-up pipe's path is a directory, a real fault. PostgreSQL: the NOTIFY runs
     on a thread of its own; its failure is injected (mocked) at the call."""
-    from tests.test_api import raw_upload
+    from tests.api_utils import raw_upload
 
     if connection.vendor == "sqlite":
         pipe = wakeup.pipe_path()

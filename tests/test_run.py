@@ -5,65 +5,19 @@ import http.client
 import json
 import signal
 import socket
-import subprocess
-import sys
-import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from rest_framework.authtoken.models import Token
 
-from tests.conftest import ROOT, free_port, grant_everything, subprocess_env
+from tests.conftest import grant_everything
 from tests.incus_utils import RUNNING, run_in
+from tests.run_utils import listening, run_script, wait_until
 from uploads.models import UploadTask
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
-def listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-    except OSError:
-        return False
-    return True
-
-
-@contextmanager
-def run_script(spool: Path, tmp_path: Path, **env: str) -> Iterator[tuple[int, Path, Any]]:
-    """`scripts/run` on the test database and spool, on a free port: (port, log, process).
-    Stopped with SIGTERM at the end unless the test stopped it."""
-    port = free_port()
-    log = tmp_path / "run.log"
-    environment = subprocess_env(
-        spool,
-        BIN=str(Path(sys.executable).parent),
-        PORT=str(port),
-        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prometheus"),
-        **env,
-    )
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            ["scripts/run"], cwd=ROOT, env=environment, stdout=out, stderr=subprocess.STDOUT
-        )
-    try:
-        wait_until(lambda: listening(port), 30, "the web server")
-        yield port, log, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
 
 
 def test_the_run_script_delivers_and_stops_cleanly_on_sigterm(

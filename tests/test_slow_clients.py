@@ -13,7 +13,7 @@ import pytest
 from rest_framework.authtoken.models import Token
 
 from tests.conftest import grant_everything
-from tests.test_run import run_script, wait_until
+from tests.run_utils import run_script, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

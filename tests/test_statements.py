@@ -9,8 +9,8 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
+from tests.api_utils import raw_upload
 from tests.factories import make_task
-from tests.test_api import raw_upload
 from uploads import queue
 from uploads.queue import Completion, Result
 

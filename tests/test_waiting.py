@@ -13,8 +13,8 @@ import pytest
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from tests.api_utils import raw_upload
 from tests.conftest import Server
-from tests.test_api import raw_upload
 from uploads import queue
 from uploads.pushers import NullPusher
 from uploads.worker import Worker
