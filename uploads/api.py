@@ -2,6 +2,7 @@
 
 import functools
 import uuid
+from collections.abc import Callable, Collection
 from typing import Any, cast
 
 from django.contrib.auth.models import User
@@ -342,6 +343,19 @@ def _check_same_upload(params: dict[str, Any], earlier: UploadTask | UploadBatch
         )
 
 
+def _hold(
+    ids: Collection[uuid.UUID], seconds: float, unfinished: Callable[[], Collection[uuid.UUID]]
+) -> dict[str, str]:
+    """Hold a `?wait=` answer until the tasks `ids` finished or `seconds` passed: the headers
+    that say how the wait ended (timed out, or turned away because too many requests wait)."""
+    try:
+        if not waiters.wait(ids, seconds, unfinished):
+            return {"Wait-Timed-Out": "true"}
+    except TooManyWaiters:
+        return {"Retry-After": "1"}
+    return {}
+
+
 class UploadViewSet(
     mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[UploadTask]
 ):
@@ -412,11 +426,7 @@ class UploadViewSet(
                 task.refresh_from_db(fields=["status"])
                 return [] if task.is_finished else [task.pk]
 
-            try:
-                if not waiters.wait([task.pk], wait, unfinished):
-                    headers["Wait-Timed-Out"] = "true"
-            except TooManyWaiters:
-                headers["Retry-After"] = "1"
+            headers = _hold([task.pk], wait, unfinished)
             task.refresh_from_db()
         return Response(self.get_serializer(task).data, headers=headers)
 
@@ -824,9 +834,5 @@ class BatchViewSet(mixins.RetrieveModelMixin, viewsets.GenericViewSet[UploadBatc
         headers = {}
         if wait:
             ids = list(selectors.batch_tasks(batch).values_list("pk", flat=True))
-            try:
-                if not waiters.wait(ids, wait, lambda: selectors.unfinished_tasks(ids)):
-                    headers["Wait-Timed-Out"] = "true"
-            except TooManyWaiters:
-                headers["Retry-After"] = "1"
+            headers = _hold(ids, wait, lambda: selectors.unfinished_tasks(ids))
         return Response(batch_data(batch, request=request), headers=headers)
