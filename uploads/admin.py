@@ -679,16 +679,7 @@ class GrantAdminForm(GrantFormBase):
 
     class Meta:
         model = Grant
-        fields = (
-            "user",
-            "group",
-            "remote",
-            "project",
-            "instance_glob",
-            "path_prefixes",
-            "owners",
-            "max_size",
-        )
+        fields = services.GRANT_FIELDS
 
     def clean(self) -> dict[str, Any]:
         super().clean()
